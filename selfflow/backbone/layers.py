@@ -1,0 +1,116 @@
+"""Math helpers shared by both trunks: timestep embedding, adaLN modulation, attention, RoPE.
+
+Free functions only (no parameters live here), so each trunk's blocks read like the paper.
+RoPE follows FLUX's formulation (pairs of adjacent channels rotated, one frequency band per
+position axis, axes concatenated); the timestep embedding is the DiT/FLUX sinusoid.
+"""
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, scale: float = 1.0) -> Tensor:
+    """Sinusoidal embedding `[cos(scale*t*f), sin(scale*t*f)]` of any-shaped `t` -> `(*t.shape, dim)`.
+
+    DiT/SiT use `scale = 1` on t in [0, 1]; FLUX multiplies t by 1000 (`scale = 1000`).
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = (scale * t.float())[..., None] * freqs
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[..., :1])], dim=-1)
+    return emb
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
+    """adaLN: `(1 + scale) * LayerNorm(x) + shift` (LayerNorm without affine).
+
+    `shift`/`scale` are `(B, 1, D)` for one timestep per sample or `(B, L, D)` per token.
+    """
+    return (1 + scale) * F.layer_norm(x, x.shape[-1:], eps=eps) + shift
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor | None = None) -> Tensor:
+    """Multi-head attention through SDPA. q, k, v: `(B, H, L, Dh)`; returns `(B, L, H * Dh)`."""
+    if pe is not None:
+        q, k = apply_rope(q, pe), apply_rope(k, pe)
+    out = F.scaled_dot_product_attention(q, k, v)
+    return rearrange(out, "b h l d -> b l (h d)")
+
+
+def rope(pos: Tensor, dim: int, theta: float) -> Tensor:
+    """Rotation matrices for one position axis: pos `(B, L)` -> `(B, L, dim/2, 2, 2)` in float64."""
+    if dim % 2:
+        raise ValueError(f"RoPE axis dim must be even, got {dim}")
+    omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim)
+    angles = pos.double()[..., None] * omega  # (B, L, dim/2)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    return torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2))
+
+
+def rope_nd(ids: Tensor, axes_dim: tuple[int, ...], theta: float) -> Tensor:
+    """N-axis RoPE table from position ids `(B, L, >= len(axes_dim))` -> `(B, 1, L, sum/2, 2, 2)`.
+
+    Uses the first `len(axes_dim)` id columns (FLUX.2 semantics), one band per axis.
+    """
+    if ids.shape[-1] < len(axes_dim):
+        raise ValueError(f"ids have {ids.shape[-1]} columns but RoPE needs {len(axes_dim)} axes")
+    pe = torch.cat([rope(ids[..., i], d, theta) for i, d in enumerate(axes_dim)], dim=-3)
+    return pe.unsqueeze(1).float()
+
+
+def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
+    """Rotate adjacent channel pairs of `x` `(B, H, L, Dh)` by `pe` `(B, 1, L, Dh/2, 2, 2)`."""
+    x_ = x.float().reshape(*x.shape[:-1], -1, 1, 2)
+    out = pe[..., 0] * x_[..., 0] + pe[..., 1] * x_[..., 1]
+    return out.reshape(*x.shape).type_as(x)
+
+
+def rms_norm(x: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
+    """RMSNorm computed in float32 (FLUX QK-norm), cast back to x's dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * scale
+
+
+class TokenRows(NamedTuple):
+    """Distinct (sample, timestep) pairs of a batch, so conditioning MLPs run once per pair.
+
+    With dual-timestep scheduling a sample has at most two distinct timesteps, so computing
+    the timestep embedding and every adaLN modulation per row and gathering the results to
+    tokens is exact and costs almost nothing compared with computing them per token.
+    """
+
+    t: Tensor  # (R,) timestep of each row
+    sample: Tensor  # (R,) batch index of each row
+    inverse: Tensor | None  # (B, L) row of each token; None when t was (B,): row b is sample b
+
+    @classmethod
+    def from_timesteps(cls, t: Tensor) -> "TokenRows":
+        if t.ndim == 1:
+            return cls(t, torch.arange(t.shape[0], device=t.device), None)
+        values, inv = torch.unique(t, return_inverse=True)
+        batch = torch.arange(t.shape[0], device=t.device)[:, None]
+        rows, inverse = torch.unique(batch * values.numel() + inv, return_inverse=True)
+        return cls(values[rows % values.numel()], rows // values.numel(), inverse)
+
+    def modulation(self, layer: nn.Module, c_rows: Tensor) -> Tensor:
+        """`layer(c_rows)` gathered to tokens: `(B, 1, X)` or `(B, L, X)`.
+
+        CPU BLAS rounds matrices of fewer than 4 rows differently (a GEMV-like kernel), so
+        tiny batches are padded to 4 rows: the result then matches computing the modulation
+        for every token, as the public release does, bit for bit.
+        """
+        n = c_rows.shape[0]
+        if n < 4:
+            c_rows = torch.cat([c_rows, c_rows[:1].expand(4 - n, -1)])
+        return self.to_tokens(layer(c_rows)[:n])
+
+    def to_tokens(self, rows: Tensor) -> Tensor:
+        """Per-row values `(R, X)` -> `(B, 1, X)` (one row per sample) or `(B, L, X)` per token."""
+        return rows[:, None] if self.inverse is None else rows[self.inverse]
