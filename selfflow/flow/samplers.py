@@ -77,7 +77,8 @@ class PerSampleNoise:
     def doubled(self) -> "PerSampleNoise":
         """Generators for the guidance batch `[uncond; cond]`; the cond half keeps the original streams."""
         other = PerSampleNoise([])
-        uncond = [torch.Generator().manual_seed(g.initial_seed() + (1 << 40)) for g in self.generators]
+        # torch's CPU generator uses only the low 32 bits of a seed: offset within them.
+        uncond = [torch.Generator().manual_seed((g.initial_seed() + 0x7FFFFFFF) % 2**32) for g in self.generators]
         other.generators = uncond + self.generators
         return other
 
@@ -130,15 +131,13 @@ def euler(velocity: Guided, x: Tensor, cfg: SamplerConfig) -> Tensor:
 
 
 def heun(velocity: Guided, x: Tensor, cfg: SamplerConfig) -> Tensor:
-    """Heun's second-order method; the last step (to t = 0) is plain Euler, as in EDM."""
+    """Heun's second-order method (two velocity evaluations per step, t = 0 included: the
+    velocity parameterisation stays finite there, unlike EDM's denoiser-derived slope)."""
     grid = ode_grid(cfg.num_steps, cfg.sample_shift)
     for t, t_next in zip(grid[:-1], grid[1:]):
         x, v = velocity(x, t)
-        x_pred = x + (t_next - t) * v
-        if t_next > 0:
-            _, v_next = velocity(x_pred, t_next)
-            x_pred = x + (t_next - t) * 0.5 * (v + v_next)
-        x = x_pred
+        _, v_next = velocity(x + (t_next - t) * v, t_next)
+        x = x + (t_next - t) * 0.5 * (v + v_next)
     return x
 
 

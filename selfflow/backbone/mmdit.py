@@ -1,0 +1,493 @@
+"""FLUX.2-style MMDiT trunk: double-stream blocks over (text, data), then single-stream blocks.
+
+Parameter names follow FLUX.2 (`img_in`, `txt_in`, `time_in`, `double_stream_modulation_img`,
+`double_blocks.N.img_attn.qkv`, `single_blocks.N.linear1`, `final_layer.linear`, ...), so a FLUX.2
+state dict of matching size loads with `strict=True` when the image is the only modality and the
+optional class table, guidance embedder and Self-Flow projector are off. Only each modality's
+input and output projections are modality-specific (DESIGN.md section 4). Time follows
+DESIGN.md section 1: `t = 1` is pure noise and the output is the velocity `noise - x0`, which
+is FLUX's own convention, so no flip is needed.
+
+Per-token timesteps: `t` is `(B,)` or `(B, L)`. The conditioning MLPs and the three shared
+modulation linears run once per distinct (sample, timestep) row of the joint `[txt, data]`
+sequence and are gathered to tokens (`TokenRows`); text tokens take a per-sample timestep from
+`cfg.text_timestep`. A per-token `t` whose tokens all equal `t[b]` gives bitwise the `(B,)` output.
+
+    model = build_mmdit(MMDiTConfig.mmdit_625m(), device="cuda")
+    v = model(x, t, ids, txt=txt)                      # x (B, L, 128), ids (B, L, 4) -> (B, L, 128)
+    v, z = model.forward_with_features(x, t, ids, txt=txt, layer=7)   # projector(hidden after block 7)
+    h = model.hidden_states(x, t, ids, txt=txt, layer=15)  # raw data-token hidden, stops at block 15
+    v = model(a, t, a_ids, txt=txt, modality="audio")  # needs "audio" in cfg.modalities
+"""
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from selfflow.backbone.layers import TokenRows, attention, modulate, rms_norm, rope_nd, timestep_embedding
+
+# Modality name -> parameter-name prefix. `image` keeps FLUX.2's names (`img_in`, `final_layer.linear`).
+PREFIX = {"image": "img", "video": "vid", "audio": "aud", "action": "act"}
+TEXT_TIMESTEP_POLICIES = ("mean", "min", "max")
+TIME_FREQ_DIM = 256  # FLUX's sinusoid width for the time and guidance embedders
+
+
+@dataclass
+class MMDiTConfig:
+    """FLUX.2 hyperparameters plus the Self-Flow additions (classes, projector, modalities)."""
+
+    hidden_size: int = 1152
+    num_heads: int = 16
+    depth_double: int = 7
+    depth_single: int = 14
+    mlp_ratio: float = 4.0
+    axes_dim: list[int] = field(default_factory=lambda: [24, 24, 24])  # RoPE bands over id columns (t, h, w)
+    theta: float = 2000.0
+    context_dim: int = 4096  # text feature width; 0: no text stream
+    num_classes: int = 0  # rows of the label table, last row = null class; 0: no class conditioning
+    guidance_embed: bool = False  # FLUX guidance-distilled embedder
+    projector_dim: int = 0  # Self-Flow projector width; 0: no projector
+    text_timestep: str = "mean"  # per-sample timestep of text tokens from data tokens: mean | min | max
+    modalities: dict[str, list[int]] = field(default_factory=lambda: {"image": [128, 128]})  # name -> [in, out]
+
+    def __post_init__(self):
+        for name in ("hidden_size", "num_heads", "mlp_ratio", "theta"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("depth_double", "depth_single", "context_dim", "num_classes", "projector_dim"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.depth_double + self.depth_single < 1:
+            raise ValueError("depth_double + depth_single must be >= 1 (at least one block)")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads={self.num_heads} does not divide hidden_size={self.hidden_size}")
+        if not 1 <= len(self.axes_dim) <= 4 or any(d <= 0 or d % 2 for d in self.axes_dim):
+            raise ValueError(f"axes_dim must be 1 to 4 positive even sizes (ids have 4 columns), got {self.axes_dim}")
+        if sum(self.axes_dim) != self.head_dim:
+            raise ValueError(f"sum(axes_dim)={sum(self.axes_dim)} must equal head_dim={self.head_dim}")
+        if self.text_timestep not in TEXT_TIMESTEP_POLICIES:
+            raise ValueError(f"text_timestep must be one of {TEXT_TIMESTEP_POLICIES}, got {self.text_timestep!r}")
+        if not self.modalities:
+            raise ValueError("modalities must name at least one modality")
+        for name, dims in self.modalities.items():
+            if name not in PREFIX:
+                raise ValueError(f"modalities: unknown modality {name!r}, known: {sorted(PREFIX)}")
+            if len(dims) != 2 or any(d <= 0 for d in dims):
+                raise ValueError(f"modalities[{name!r}] must be [in_dim, out_dim] > 0, got {dims}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def depth(self) -> int:
+        return self.depth_double + self.depth_single
+
+    @classmethod
+    def mmdit_625m(cls) -> "MMDiTConfig":
+        """The paper's ~625M MMDiT on FLUX.2 AE latents (128 ch after 2x2 patchify), T5-XXL text."""
+        return cls(projector_dim=1152)
+
+    @classmethod
+    def tiny(cls) -> "MMDiTConfig":
+        """A ~0.5M-parameter model for CPU tests."""
+        return cls(
+            hidden_size=64,
+            num_heads=4,
+            depth_double=2,
+            depth_single=2,
+            axes_dim=[4, 6, 6],
+            context_dim=32,
+            modalities={"image": [16, 16]},
+        )
+
+
+class MMDiTFeatures(NamedTuple):
+    velocity: Tensor  # (B, L, out_dim)
+    features: Tensor  # (B, L, projector_dim)
+
+
+class ModulationOut(NamedTuple):
+    shift: Tensor  # (B, 1 or L, D)
+    scale: Tensor
+    gate: Tensor
+
+
+def split_modulation(mod: Tensor, parts: int) -> list[ModulationOut]:
+    """`(B, 1 or L, 3 * parts * D)` -> `parts` triples, each in FLUX order (shift, scale, gate)."""
+    chunks = mod.chunk(3 * parts, dim=-1)
+    return [ModulationOut(*chunks[i : i + 3]) for i in range(0, 3 * parts, 3)]
+
+
+def text_timesteps(t: Tensor, policy: str) -> Tensor:
+    """Per-sample text timestep `(B,)` from data-token timesteps `(B, L)` (the paper does not say).
+
+    Where all of a sample's tokens share one value, that value is returned exactly (a float mean
+    can round), so homogeneous per-token `t` gives bitwise the scalar-`t` output.
+    """
+    lo, hi = t.amin(dim=1), t.amax(dim=1)
+    value = {"mean": t.mean(dim=1), "min": lo, "max": hi}[policy]
+    return torch.where(lo == hi, t[:, 0], value)
+
+
+def input_name(modality: str) -> str:
+    return f"{PREFIX[modality]}_in"
+
+
+def output_name(modality: str) -> str:
+    return "linear" if modality == "image" else f"{PREFIX[modality]}_linear"
+
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, dim, bias=False)
+        self.silu = nn.SiLU()
+        self.out_layer = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_layer(self.silu(self.in_layer(x)))
+
+
+class Modulation(nn.Module):
+    """One linear shared by every block of a kind: `vec -> (shift, scale, gate) x (2 or 1)`."""
+
+    def __init__(self, dim: int, double: bool):
+        super().__init__()
+        self.lin = nn.Linear(dim, (6 if double else 3) * dim, bias=False)
+
+    def forward(self, vec: Tensor) -> Tensor:
+        return self.lin(F.silu(vec))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.scale, eps=1e-6)
+
+
+class QKNorm(nn.Module):
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.query_norm = RMSNorm(head_dim)
+        self.key_norm = RMSNorm(head_dim)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return self.query_norm(q).to(v), self.key_norm(k).to(v)
+
+
+class SwiGLU(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return F.silu(x1) * x2
+
+
+class SelfAttention(nn.Module):
+    """Per-stream projections of a double block; the attention itself is joint over both streams."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`(B, L, D)` -> normalised q, k and v, each `(B, H, L, Dh)`."""
+        q, k, v = rearrange(self.qkv(x), "b l (k h d) -> k b h l d", k=3, h=self.num_heads)
+        q, k = self.norm(q, k, v)
+        return q, k, v
+
+
+def swiglu_mlp(dim: int, hidden: int) -> nn.Sequential:
+    """FLUX.2 MLP: `0` Linear(D, 2H), `1` SwiGLU, `2` Linear(H, D)."""
+    return nn.Sequential(nn.Linear(dim, 2 * hidden, bias=False), SwiGLU(), nn.Linear(hidden, dim, bias=False))
+
+
+class DoubleStreamBlock(nn.Module):
+    """Separate weights per stream, one joint attention over `[txt, img]` (text first)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int):
+        super().__init__()
+        self.img_attn = SelfAttention(dim, num_heads)
+        self.img_mlp = swiglu_mlp(dim, mlp_hidden)
+        self.txt_attn = SelfAttention(dim, num_heads)
+        self.txt_mlp = swiglu_mlp(dim, mlp_hidden)
+
+    def forward(
+        self,
+        img: Tensor,
+        txt: Tensor | None,
+        pe: Tensor,
+        img_mod: list[ModulationOut],
+        txt_mod: list[ModulationOut] | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        (img_mod1, img_mod2), n_txt = img_mod, 0 if txt is None else txt.shape[1]
+        q, k, v = self.img_attn.heads(modulate(img, img_mod1.shift, img_mod1.scale))  # (B, H, L_img, Dh)
+        if txt is not None:
+            txt_q, txt_k, txt_v = self.txt_attn.heads(modulate(txt, txt_mod[0].shift, txt_mod[0].scale))
+            q, k, v = (torch.cat((a, b), dim=2) for a, b in ((txt_q, q), (txt_k, k), (txt_v, v)))
+        attn = attention(q, k, v, pe)  # (B, L_txt + L_img, D)
+        img = img + img_mod1.gate * self.img_attn.proj(attn[:, n_txt:])
+        img = img + img_mod2.gate * self.img_mlp(modulate(img, img_mod2.shift, img_mod2.scale))
+        if txt is not None:
+            txt_mod1, txt_mod2 = txt_mod
+            txt = txt + txt_mod1.gate * self.txt_attn.proj(attn[:, :n_txt])
+            txt = txt + txt_mod2.gate * self.txt_mlp(modulate(txt, txt_mod2.shift, txt_mod2.scale))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """Parallel attention and SwiGLU MLP from one fused input projection (FLUX single block)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int):
+        super().__init__()
+        self.num_heads, self.dim, self.mlp_hidden = num_heads, dim, mlp_hidden
+        self.linear1 = nn.Linear(dim, 3 * dim + 2 * mlp_hidden, bias=False)
+        self.linear2 = nn.Linear(dim + mlp_hidden, dim, bias=False)
+        self.norm = QKNorm(dim // num_heads)
+        self.mlp_act = SwiGLU()
+
+    def forward(self, x: Tensor, pe: Tensor, mod: ModulationOut) -> Tensor:
+        qkv, mlp = self.linear1(modulate(x, mod.shift, mod.scale)).split([3 * self.dim, 2 * self.mlp_hidden], -1)
+        q, k, v = rearrange(qkv, "b l (k h d) -> k b h l d", k=3, h=self.num_heads)
+        q, k = self.norm(q, k, v)
+        out = self.linear2(torch.cat((attention(q, k, v, pe), self.mlp_act(mlp)), dim=-1))
+        return x + mod.gate * out
+
+
+class LastLayer(nn.Module):
+    """adaLN (LayerNorm without affine, shift, scale), then one output projection per modality."""
+
+    def __init__(self, dim: int, modalities: dict[str, list[int]]):
+        super().__init__()
+        for name, (_, out_dim) in modalities.items():
+            self.add_module(output_name(name), nn.Linear(dim, out_dim, bias=False))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim, bias=False))
+
+    def forward(self, x: Tensor, shift: Tensor, scale: Tensor, modality: str) -> Tensor:
+        return getattr(self, output_name(modality))(modulate(x, shift, scale))
+
+
+class Projector(nn.Module):
+    """Self-Flow's projector head `Linear(D, D+d) -> SiLU -> Linear(D+d, d)` (no biases, like the trunk)."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.linear1 = nn.Linear(dim, dim + out_dim, bias=False)
+        self.act = nn.SiLU()
+        self.linear2 = nn.Linear(dim + out_dim, out_dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear2(self.act(self.linear1(x)))
+
+
+class Conditioning(NamedTuple):
+    vec: Tensor  # (R, D): time (+ guidance, + class) embedding of each distinct (sample, t) row
+    txt_rows: TokenRows  # rows gathered to text tokens
+    img_rows: TokenRows  # rows gathered to data tokens
+    rows: TokenRows  # rows gathered to the joint [txt, data] sequence
+
+
+class MMDiT(nn.Module):
+    def __init__(self, cfg: MMDiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.hidden_size
+        for name, (in_dim, _) in cfg.modalities.items():
+            self.add_module(input_name(name), nn.Linear(in_dim, dim, bias=False))
+        self.txt_in = nn.Linear(cfg.context_dim, dim, bias=False) if cfg.context_dim else None
+        self.time_in = MLPEmbedder(TIME_FREQ_DIM, dim)
+        self.guidance_in = MLPEmbedder(TIME_FREQ_DIM, dim) if cfg.guidance_embed else None
+        self.y_in = nn.Embedding(cfg.num_classes, dim) if cfg.num_classes else None
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(dim, cfg.num_heads, cfg.mlp_hidden) for _ in range(cfg.depth_double)
+        )
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(dim, cfg.num_heads, cfg.mlp_hidden) for _ in range(cfg.depth_single)
+        )
+        self.double_stream_modulation_img = Modulation(dim, double=True)
+        self.double_stream_modulation_txt = Modulation(dim, double=True)
+        self.single_stream_modulation = Modulation(dim, double=False)
+        self.final_layer = LastLayer(dim, cfg.modalities)
+        self.projector = Projector(dim, cfg.projector_dim) if cfg.projector_dim else None
+
+    def init_weights(self) -> None:
+        """Xavier linears, N(0, 0.02) embedders, zero modulations (blocks start as identity) and head."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.scale)
+        for embedder in (self.time_in, self.guidance_in):
+            if embedder is not None:
+                nn.init.normal_(embedder.in_layer.weight, std=0.02)
+                nn.init.normal_(embedder.out_layer.weight, std=0.02)
+        if self.y_in is not None:
+            nn.init.normal_(self.y_in.weight, std=0.02)
+        for module in self.modules():  # the three shared modulation linears
+            if isinstance(module, Modulation):
+                nn.init.zeros_(module.lin.weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        for name in self.cfg.modalities:
+            nn.init.zeros_(getattr(self.final_layer, output_name(name)).weight)
+
+    # ----------------------------------------------------------------------------------------
+    def _check(self, x: Tensor, t: Tensor, ids, txt, txt_ids, y, modality: str, guidance) -> None:
+        cfg = self.cfg
+        if modality not in cfg.modalities:
+            raise ValueError(f"modality {modality!r} is not configured; cfg.modalities has {sorted(cfg.modalities)}")
+        in_dim = cfg.modalities[modality][0]
+        if x.ndim != 3 or x.shape[-1] != in_dim:
+            raise ValueError(f"x must be (B, L, {in_dim}) tokens for {modality!r}, got {tuple(x.shape)}")
+        B, L = x.shape[:2]
+        if t.shape not in ((B,), (B, L)):
+            raise ValueError(f"t must be ({B},) or ({B}, {L}), got {tuple(t.shape)}")
+        if ids is None or ids.shape != (B, L, 4):
+            raise ValueError(f"ids must be ({B}, {L}, 4) position ids, got {None if ids is None else tuple(ids.shape)}")
+        if txt is not None:
+            if self.txt_in is None:
+                raise ValueError("txt was given but cfg.context_dim is 0 (no text stream)")
+            if txt.ndim != 3 or txt.shape[0] != B or txt.shape[-1] != cfg.context_dim:
+                raise ValueError(f"txt must be ({B}, L_txt, {cfg.context_dim}), got {tuple(txt.shape)}")
+        if txt_ids is not None and (txt is None or txt_ids.shape != (*txt.shape[:2], 4)):
+            want = "no txt_ids without txt" if txt is None else f"({B}, {txt.shape[1]}, 4)"
+            raise ValueError(f"txt_ids must be {want}, got {tuple(txt_ids.shape)}")
+        if y is not None and (self.y_in is None or y.shape != (B,)):
+            want = "None (cfg.num_classes is 0)" if self.y_in is None else f"({B},) class ids"
+            raise ValueError(f"y must be {want}, got {tuple(y.shape)}")
+        if self.guidance_in is not None and (guidance is None or guidance.shape != (B,)):
+            raise ValueError(f"guidance must be ({B},), got {None if guidance is None else tuple(guidance.shape)}")
+
+    def _conditioning(self, t: Tensor, n_txt: int, y: Tensor | None, guidance: Tensor | None) -> Conditioning:
+        """Embed each distinct (sample, t) row of the joint `[txt, data]` sequence once."""
+        if t.ndim == 1:  # one timestep per sample: text uses it too, rows broadcast over tokens
+            rows = TokenRows.from_timesteps(t)
+            txt_rows = img_rows = rows
+        else:
+            t_txt = text_timesteps(t, self.cfg.text_timestep)[:, None].expand(-1, n_txt)
+            rows = TokenRows.from_timesteps(torch.cat((t_txt, t), dim=1))
+            txt_rows = rows._replace(inverse=rows.inverse[:, :n_txt])
+            img_rows = rows._replace(inverse=rows.inverse[:, n_txt:])
+        dtype = self.time_in.in_layer.weight.dtype
+        vec = self.time_in(timestep_embedding(rows.t, TIME_FREQ_DIM, scale=1000.0).to(dtype))  # FLUX: t * 1000
+        if self.guidance_in is not None:
+            g = timestep_embedding(guidance, TIME_FREQ_DIM, scale=1000.0).to(dtype)
+            vec = vec + self.guidance_in(g)[rows.sample]
+        if self.y_in is not None:
+            if y is None:  # unconditional: the last row is the null class
+                y = torch.full(t.shape[:1], self.cfg.num_classes - 1, dtype=torch.long, device=t.device)
+            vec = vec + self.y_in(y)[rows.sample]
+        return Conditioning(vec, txt_rows, img_rows, rows)
+
+    def _embed(self, x, t, ids, txt, txt_ids, y, modality, guidance):
+        """Input projections, joint RoPE table (text first) and per-row conditioning."""
+        self._check(x, t, ids, txt, txt_ids, y, modality, guidance)
+        img = getattr(self, input_name(modality))(x)  # (B, L, D)
+        if txt is None:
+            pos = ids
+        else:
+            if txt_ids is None:  # text ids (0, 0, 0, position)
+                txt_ids = torch.zeros(*txt.shape[:2], 4, dtype=ids.dtype, device=ids.device)
+                txt_ids[..., 3] = torch.arange(txt.shape[1], device=ids.device)
+            pos = torch.cat((txt_ids, ids), dim=1)
+            txt = self.txt_in(txt)  # (B, L_txt, D)
+        pe = rope_nd(pos, tuple(self.cfg.axes_dim), self.cfg.theta)
+        cond = self._conditioning(t, 0 if txt is None else txt.shape[1], y, guidance)
+        return img, txt, pe, cond
+
+    def _blocks(self, img, txt, pe, cond: Conditioning, last: int, tap: int) -> tuple[Tensor, Tensor]:
+        """Run blocks 1..`last` (global, 1-based); return the data-token hidden after `last` and after `tap`."""
+        n_double, n_txt = self.cfg.depth_double, 0 if txt is None else txt.shape[1]
+        tapped = None
+        if n_double:
+            img_mod = split_modulation(cond.img_rows.modulation(self.double_stream_modulation_img, cond.vec), 2)
+            txt_mod = None
+            if txt is not None:
+                txt_mod = split_modulation(cond.txt_rows.modulation(self.double_stream_modulation_txt, cond.vec), 2)
+            for i, block in enumerate(self.double_blocks[:last], start=1):
+                img, txt = block(img, txt, pe, img_mod, txt_mod)
+                tapped = img if i == tap else tapped
+        if last <= n_double:
+            return img, tapped
+        (mod,) = split_modulation(cond.rows.modulation(self.single_stream_modulation, cond.vec), 1)
+        x = img if txt is None else torch.cat((txt, img), dim=1)  # (B, L_txt + L_img, D), text first
+        for i, block in enumerate(self.single_blocks[: last - n_double], start=n_double + 1):
+            x = block(x, pe, mod)
+            tapped = x[:, n_txt:] if i == tap else tapped
+        return x[:, n_txt:], tapped
+
+    def _head(self, h: Tensor, cond: Conditioning, modality: str) -> Tensor:
+        shift, scale = cond.img_rows.modulation(self.final_layer.adaLN_modulation, cond.vec).chunk(2, dim=-1)
+        return self.final_layer(h, shift, scale, modality)
+
+    def _check_layer(self, layer: int) -> None:
+        if not 1 <= layer <= self.cfg.depth:
+            raise ValueError(f"layer must be in [1, {self.cfg.depth}] (double blocks first), got {layer}")
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        ids: Tensor | None = None,
+        txt: Tensor | None = None,
+        txt_ids: Tensor | None = None,
+        y: Tensor | None = None,
+        *,
+        modality: str = "image",
+        guidance: Tensor | None = None,
+    ) -> Tensor:
+        """Velocity `noise - x0` `(B, L, out_dim)` for data tokens x `(B, L, in_dim)` at t `(B,)` or `(B, L)`.
+
+        ids `(B, L, 4)` position ids (required); txt `(B, L_txt, context_dim)`; txt_ids default
+        `(0, 0, 0, i)`; y `(B,)` class ids (None: null class); guidance `(B,)` if cfg.guidance_embed.
+        """
+        img, txt, pe, cond = self._embed(x, t, ids, txt, txt_ids, y, modality, guidance)
+        h, _ = self._blocks(img, txt, pe, cond, last=self.cfg.depth, tap=0)
+        return self._head(h, cond, modality)
+
+    def forward_with_features(
+        self, x, t, ids=None, txt=None, txt_ids=None, y=None, *, modality="image", guidance=None, layer: int
+    ) -> MMDiTFeatures:
+        """Velocity plus the projector output of the data-token hidden after block `layer` (1-based, doubles first).
+
+        Arguments as in `forward`.
+        """
+        self._check_layer(layer)
+        if self.projector is None:
+            raise ValueError("forward_with_features needs a projector: cfg.projector_dim is 0")
+        img, txt, pe, cond = self._embed(x, t, ids, txt, txt_ids, y, modality, guidance)
+        h, tapped = self._blocks(img, txt, pe, cond, last=self.cfg.depth, tap=layer)
+        return MMDiTFeatures(self._head(h, cond, modality), self.projector(tapped))
+
+    def hidden_states(
+        self, x, t, ids=None, txt=None, txt_ids=None, y=None, *, modality="image", guidance=None, layer: int
+    ) -> Tensor:
+        """Raw data-token hidden state `(B, L, D)` after block `layer`; later blocks and the head never run."""
+        self._check_layer(layer)
+        img, txt, pe, cond = self._embed(x, t, ids, txt, txt_ids, y, modality, guidance)
+        return self._blocks(img, txt, pe, cond, last=layer, tap=layer)[0]
+
+
+def build_mmdit(cfg: MMDiTConfig, device: torch.device | str = "cpu") -> MMDiT:
+    """Construct on the meta device (no memory, no init cost), materialise once, then initialise."""
+    with torch.device("meta"):
+        model = MMDiT(cfg)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,157 @@
+"""Typed run configs: YAML presets plus `a.b=value` overrides -> nested dataclasses.
+
+Each part of the system defines its own config dataclass next to the code that uses it (with
+validation in `__post_init__`); a job composes them into one run config, and this module fills
+it. Unknown keys, wrong types and impossible values are `ConfigError`s that name the key and
+the file. The resolved config is written next to every output with `save_config`.
+
+    cfg = load_config(SampleConfig, "configs/sample/tiny.yaml", ["sampler.num_steps=10"])
+    save_config(cfg, out_dir / "config.yaml")
+"""
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the key and the source file."""
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Build `cls` from a YAML file (or defaults when `path` is None) and `key.sub=value` overrides."""
+    source = str(path) if path else "<defaults>"
+    if overrides:
+        source += " with overrides"
+    data: dict[str, Any] = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        _set_path(data, key.strip().split("."), yaml.safe_load(raw), source=f"override {item!r}")
+    return _build(cls, data, prefix="", source=source)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (every field, defaults included)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+
+def config_keys(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """Flattened `(key, type, default)` rows of a config class, for `--help` texts."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            rows += config_keys(hint, f"{prefix}{f.name}.")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        rows.append((prefix + f.name, _type_name(hint), default))
+    return rows
+
+
+def _set_path(data: dict, keys: list[str], value: Any, source: str) -> None:
+    node = data
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: {k} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _build(cls: type[T], data: Any, prefix: str, source: str) -> T:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _build(hint, data.get(f.name, {}), f"{prefix}{f.name}.", source)
+        elif f.name in data:
+            kwargs[f.name] = _coerce(data[f.name], hint, prefix + f.name, source)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        if isinstance(err, ConfigError):
+            raise
+        section = prefix.rstrip(".") or cls.__name__
+        raise ConfigError(f"{source}: {section}: {err}") from None
+    except TypeError as err:  # a required field is missing
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or cls.__name__}: {err}") from None
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `hint`; ints are accepted where floats are expected."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    bad = ConfigError(f"{source}: {key} must be {_type_name(hint)}, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError:
+                continue
+        raise bad
+    if hint is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return {k: _coerce(v, args[1], f"{key}.{k}", source) for k, v in value.items()} if args else value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise ConfigError(f"{source}: {key}: unsupported config type {hint}")
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) if typing.get_origin(hint) is None else str(hint).replace("typing.", "")

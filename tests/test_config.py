@@ -1,0 +1,81 @@
+"""Config loading: presets, overrides, and errors that name the key and the file."""
+
+from dataclasses import dataclass, field
+
+import pytest
+import yaml
+
+from selfflow.backbone.sit import SiTConfig
+from selfflow.config import ConfigError, load_config, save_config
+from selfflow.eval.sample import SampleConfig
+
+
+@dataclass
+class Inner:
+    steps: int = 3
+    rate: float = 0.5
+    names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Outer:
+    inner: Inner = field(default_factory=Inner)
+    path: str | None = None
+    flag: bool = False
+
+
+def write(tmp_path, data) -> str:
+    p = tmp_path / "run.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return str(p)
+
+
+def test_yaml_and_overrides_compose(tmp_path):
+    path = write(tmp_path, {"inner": {"steps": 7}, "flag": True})
+    cfg = load_config(Outer, path, ["inner.rate=2", "path=/x", "inner.names=[a, b]", "inner.rate=1e-4"])
+    assert cfg == Outer(Inner(7, 1e-4, ["a", "b"]), "/x", True)
+    assert isinstance(cfg.inner.rate, float)
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = write(tmp_path, {"inner": {"stepz": 7}})
+    with pytest.raises(ConfigError, match=r"run\.yaml.*unknown key inner\.stepz"):
+        load_config(Outer, path)
+    with pytest.raises(ConfigError, match="unknown key bogus"):
+        load_config(Outer, path=None, overrides=["bogus=1"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("inner.steps=1.5", "inner.steps must be int"), ("flag=yes please", "flag must be bool"),
+     ("inner.steps=true", "inner.steps must be int"), ("inner.names=3", r"inner.names must be list")],
+)
+def test_wrong_type_names_key(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(Outer, write(tmp_path, {}), [override])
+
+
+def test_impossible_value_names_key_and_file(tmp_path):
+    path = write(tmp_path, {"model": {"depth": 0}, "vae": "/v"})
+    with pytest.raises(ConfigError, match=r"run\.yaml.*model.*depth must be positive"):
+        load_config(SampleConfig, path)
+    with pytest.raises(ConfigError, match="num_heads=5 does not divide hidden_size=1152"):
+        load_config(SampleConfig, path, ["model.depth=2", "model.num_heads=5"])
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(Outer, None, ["no_equals_sign"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(SampleConfig, "configs/sample/tiny.yaml", ["sampler.num_steps=9"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(SampleConfig, tmp_path / "resolved.yaml")
+    assert again == cfg and again.sampler.num_steps == 9
+
+
+@pytest.mark.parametrize("preset", ["configs/sample/tiny.yaml", "configs/sample/imagenet256.yaml"])
+def test_presets_load(preset):
+    cfg = load_config(SampleConfig, preset, ["vae=/some/vae"])
+    assert isinstance(cfg.model, SiTConfig)

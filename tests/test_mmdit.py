@@ -1,0 +1,357 @@
+"""Tests of the FLUX.2-style MMDiT trunk (tiny configs, CPU): `pytest -q tests/test_mmdit.py`."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from selfflow.backbone.layers import rope_nd
+from selfflow.backbone.mmdit import MMDiT, MMDiTConfig, build_mmdit, count_parameters, text_timesteps
+
+B, H, W, L_TXT = 3, 2, 3, 5
+
+
+def tiny(**overrides) -> MMDiTConfig:
+    return dataclasses.replace(MMDiTConfig.tiny(), **overrides)
+
+
+def image_ids(batch: int = B, h: int = H, w: int = W) -> torch.Tensor:
+    """Ids `(0, h, w, 0)` of an h x w grid in (h w) order: `(B, h*w, 4)`."""
+    hh, ww = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    ids = torch.stack([torch.zeros_like(hh), hh, ww, torch.zeros_like(hh)], dim=-1).reshape(-1, 4)
+    return ids.expand(batch, -1, -1).clone()
+
+
+def text_ids(batch: int = B, n: int = L_TXT) -> torch.Tensor:
+    ids = torch.zeros(batch, n, 4, dtype=torch.long)
+    ids[..., 3] = torch.arange(n)
+    return ids
+
+
+def randomised(cfg: MMDiTConfig, seed: int = 0) -> MMDiT:
+    """A model whose blocks are not the identity: init, then random modulations, head and norm scales."""
+    torch.manual_seed(seed)
+    model = build_mmdit(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modulation" in name or name.startswith("final_layer") or name.startswith("y_in"):
+                p.normal_(0.0, 0.1)
+            elif name.endswith(".scale"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    return model
+
+
+def inputs(cfg: MMDiTConfig, seed: int = 1, batch: int = B) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    in_dim = cfg.modalities["image"][0]
+    return dict(
+        x=torch.randn(batch, H * W, in_dim, generator=g),
+        t=torch.rand(batch, generator=g),
+        ids=image_ids(batch),
+        txt=torch.randn(batch, L_TXT, cfg.context_dim, generator=g) if cfg.context_dim else None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("batch", [2, 5])
+@pytest.mark.parametrize("with_text", [True, False])
+@pytest.mark.parametrize("num_classes", [0, 7])
+@pytest.mark.parametrize("policy", ["mean", "min", "max"])
+def test_homogeneous_token_t_equals_scalar_t_bitwise(batch, with_text, num_classes, policy):
+    cfg = tiny(num_classes=num_classes, text_timestep=policy, context_dim=32 if with_text else 0)
+    model = randomised(cfg)
+    inp = inputs(cfg, batch=batch)
+    x, t, ids = inp["x"], inp["t"], inp["ids"]
+    y = torch.arange(batch) % num_classes if num_classes else None
+    t_tok = t[:, None].expand(-1, x.shape[1]).contiguous()
+    with torch.no_grad():
+        v_scalar = model(x, t, ids, inp["txt"], y=y)
+        v_token = model(x, t_tok, ids, inp["txt"], y=y)
+        v_mixed = model(x, torch.where(torch.arange(x.shape[1]) % 2 == 0, t_tok, 0.5 * t_tok), ids, inp["txt"], y=y)
+    assert torch.equal(v_scalar, v_token)
+    assert not torch.allclose(v_scalar, v_mixed)  # per-token t does reach the output
+
+
+def test_text_timestep_policies():
+    t = torch.tensor([[0.2, 0.2, 0.8], [0.3, 0.3, 0.3]])
+    assert torch.allclose(text_timesteps(t, "mean"), torch.tensor([0.4, 0.3]))
+    assert torch.equal(text_timesteps(t, "min"), torch.tensor([0.2, 0.3]))
+    assert torch.equal(text_timesteps(t, "max"), torch.tensor([0.8, 0.3]))
+    same = torch.full((1, 7), 0.1)  # float mean of seven 0.1s is not exactly 0.1; the policy returns 0.1
+    assert torch.equal(text_timesteps(same, "mean"), torch.tensor([0.1]))
+
+
+def test_init_blocks_are_identity_and_head_is_zero():
+    cfg = tiny(projector_dim=8)
+    model = build_mmdit(cfg)
+    inp = inputs(cfg)
+    with torch.no_grad():
+        assert torch.equal(model(**inp), torch.zeros(B, H * W, 16))
+        h = model.hidden_states(**inp, layer=cfg.depth)
+        assert torch.allclose(h, model.img_in(inp["x"]))
+
+
+# ----------------------------------------------------------------------------------------------
+def test_rope_shift_invariance():
+    cfg = tiny()
+    model = randomised(cfg)
+    inp = inputs(cfg)
+    shift = torch.tensor([3, 5, 7, 0])  # (t, h, w, l) columns; RoPE reads the first three
+    with torch.no_grad():
+        v = model(**inp, txt_ids=text_ids())
+        v_shifted = model(**{**inp, "ids": inp["ids"] + shift}, txt_ids=text_ids() + shift)
+        v_image_only = model(**{**inp, "ids": inp["ids"] + shift}, txt_ids=text_ids())
+    assert torch.allclose(v, v_shifted, atol=1e-5)
+    assert (v - v_image_only).abs().max() > 1e-3  # the test can fail: a relative change is visible
+
+
+# ----------------------------------------------------------------------------------------------
+def rotate(x: torch.Tensor, pos: torch.Tensor, axes_dim: list[int], theta: float) -> torch.Tensor:
+    """Reference RoPE by complex multiplication: x `(B, H, L, Dh)`, pos `(B, L, 4)`."""
+    angles = []
+    for i, d in enumerate(axes_dim):
+        omega = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+        angles.append(pos[..., i, None].double() * omega)
+    rot = torch.polar(torch.ones(1, dtype=torch.float64), torch.cat(angles, dim=-1))[:, None]  # (B, 1, L, Dh/2)
+    xc = torch.view_as_complex(x.double().reshape(*x.shape[:-1], -1, 2).contiguous())
+    return torch.view_as_real(xc * rot).reshape(x.shape).float()
+
+
+def reference_double_block(block, img, txt, pos, img_mod, txt_mod, cfg):
+    """Independent double block: text tokens first in the joint sequence, explicit softmax attention."""
+    heads, dh = cfg.num_heads, cfg.head_dim
+
+    def ln_mod(x, shift, scale):
+        return (1 + scale) * F.layer_norm(x, x.shape[-1:], eps=1e-6) + shift
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+    def qkv(attn, x, shift, scale):
+        q, k, v = attn.qkv(ln_mod(x, shift, scale)).reshape(*x.shape[:2], 3, heads, dh).permute(2, 0, 3, 1, 4)
+        return rms(q, attn.norm.query_norm.scale), rms(k, attn.norm.key_norm.scale), v
+
+    tq, tk, tv = qkv(block.txt_attn, txt, *txt_mod[:2])
+    iq, ik, iv = qkv(block.img_attn, img, *img_mod[:2])
+    q, k, v = (torch.cat(pair, dim=2) for pair in ((tq, iq), (tk, ik), (tv, iv)))
+    q, k = rotate(q, pos, cfg.axes_dim, cfg.theta), rotate(k, pos, cfg.axes_dim, cfg.theta)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh), dim=-1)
+    out = (weights @ v).transpose(1, 2).reshape(*q.shape[:1], q.shape[2], heads * dh)
+    n = txt.shape[1]
+
+    def finish(x, attn_out, proj, mlp, mod):
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod
+        x = x + gate1 * proj(attn_out)
+        a, b = mlp[0](ln_mod(x, shift2, scale2)).chunk(2, dim=-1)
+        return x + gate2 * mlp[2](F.silu(a) * b)
+
+    return (
+        finish(img, out[:, n:], block.img_attn.proj, block.img_mlp, img_mod),
+        finish(txt, out[:, :n], block.txt_attn.proj, block.txt_mlp, txt_mod),
+    )
+
+
+def test_double_block_matches_text_first_reference():
+    # 4 RoPE axes so text positions (column l) enter the rotation: a token/position misalignment shows.
+    cfg = tiny(axes_dim=[4, 4, 4, 4])
+    model = randomised(cfg)
+    block = model.double_blocks[0]
+    g = torch.Generator().manual_seed(2)
+    img, txt = torch.randn(B, H * W, 64, generator=g), torch.randn(B, L_TXT, 64, generator=g)
+    img_mod = list(torch.randn(6, B, 1, 64, generator=g) * 0.3)
+    txt_mod = list(torch.randn(6, B, 1, 64, generator=g) * 0.3)
+    pos = torch.cat((text_ids(), image_ids()), dim=1)
+    pe = rope_nd(pos, tuple(cfg.axes_dim), cfg.theta)
+    from selfflow.backbone.mmdit import ModulationOut
+
+    def triples(m):
+        return [ModulationOut(*m[:3]), ModulationOut(*m[3:])]
+
+    with torch.no_grad():
+        img_out, txt_out = block(img, txt, pe, triples(img_mod), triples(txt_mod))
+        ref_img, ref_txt = reference_double_block(block, img, txt, pos, img_mod, txt_mod, cfg)
+    assert torch.allclose(img_out, ref_img, atol=1e-5)
+    assert torch.allclose(txt_out, ref_txt, atol=1e-5)
+
+
+def test_single_stream_sequence_is_text_then_data():
+    """Attention is permutation-equivariant, so token order is visible only in the joint layout:
+    the single-stream input must be `cat([txt, img])` with the matching RoPE table, and the
+    data-token features are the tail of the joint sequence."""
+    cfg = tiny(axes_dim=[4, 4, 4, 4])
+    model = randomised(cfg)
+    inp = inputs(cfg)
+    seen = {}
+    model.double_blocks[-1].register_forward_hook(lambda m, args, out: seen.update(double_out=out))
+    model.single_blocks[0].register_forward_pre_hook(lambda m, args: seen.update(single_in=args))
+    model.single_blocks[0].register_forward_hook(lambda m, args, out: seen.update(single_out=out))
+    with torch.no_grad():
+        model(**inp)
+        img, txt = seen["double_out"]
+        joint, pe, _ = seen["single_in"]
+        assert torch.equal(joint[:, :L_TXT], txt) and torch.equal(joint[:, L_TXT:], img)
+        assert torch.equal(pe, rope_nd(torch.cat((text_ids(), inp["ids"]), dim=1), (4, 4, 4, 4), cfg.theta))
+        h = model.hidden_states(**inp, layer=cfg.depth_double + 1)
+        assert torch.equal(h, seen["single_out"][:, L_TXT:])
+
+    no_double = randomised(tiny(depth_double=0))  # joint input is then exactly the two input projections
+    no_double.single_blocks[0].register_forward_pre_hook(lambda m, args: seen.update(single_in=args))
+    with torch.no_grad():
+        no_double(**inp)
+        joint = seen["single_in"][0]
+        assert torch.equal(joint[:, :L_TXT], no_double.txt_in(inp["txt"]))
+        assert torch.equal(joint[:, L_TXT:], no_double.img_in(inp["x"]))
+
+
+# ----------------------------------------------------------------------------------------------
+def flux2_state_dict(n_double: int, n_single: int, dim: int, mlp: int, head: int, in_ch: int, ctx: int) -> dict:
+    """FLUX.2 parameter names and shapes, written out independently of the model code."""
+    shapes = {
+        "img_in.weight": (dim, in_ch),
+        "txt_in.weight": (dim, ctx),
+        "time_in.in_layer.weight": (dim, 256),
+        "time_in.out_layer.weight": (dim, dim),
+        "double_stream_modulation_img.lin.weight": (6 * dim, dim),
+        "double_stream_modulation_txt.lin.weight": (6 * dim, dim),
+        "single_stream_modulation.lin.weight": (3 * dim, dim),
+        "final_layer.linear.weight": (in_ch, dim),
+        "final_layer.adaLN_modulation.1.weight": (2 * dim, dim),
+    }
+    for i in range(n_double):
+        for s in ("img", "txt"):
+            shapes |= {
+                f"double_blocks.{i}.{s}_attn.qkv.weight": (3 * dim, dim),
+                f"double_blocks.{i}.{s}_attn.norm.query_norm.scale": (head,),
+                f"double_blocks.{i}.{s}_attn.norm.key_norm.scale": (head,),
+                f"double_blocks.{i}.{s}_attn.proj.weight": (dim, dim),
+                f"double_blocks.{i}.{s}_mlp.0.weight": (2 * mlp, dim),
+                f"double_blocks.{i}.{s}_mlp.2.weight": (dim, mlp),
+            }
+    for i in range(n_single):
+        shapes |= {
+            f"single_blocks.{i}.linear1.weight": (3 * dim + 2 * mlp, dim),
+            f"single_blocks.{i}.linear2.weight": (dim, dim + mlp),
+            f"single_blocks.{i}.norm.query_norm.scale": (head,),
+            f"single_blocks.{i}.norm.key_norm.scale": (head,),
+        }
+    g = torch.Generator().manual_seed(3)
+    return {k: torch.randn(shape, generator=g) for k, shape in shapes.items()}
+
+
+def test_flux2_state_dict_loads_strictly():
+    cfg = tiny(depth_double=2, depth_single=3)
+    sd = flux2_state_dict(2, 3, dim=64, mlp=256, head=16, in_ch=16, ctx=32)
+    model = MMDiT(cfg)
+    model.load_state_dict(sd, strict=True)
+    assert torch.equal(model.double_blocks[0].img_attn.qkv.weight, sd["double_blocks.0.img_attn.qkv.weight"])
+    assert torch.equal(model.single_blocks[2].norm.key_norm.scale, sd["single_blocks.2.norm.key_norm.scale"])
+    assert torch.equal(model.final_layer.linear.weight, sd["final_layer.linear.weight"])
+
+
+# ----------------------------------------------------------------------------------------------
+def test_bad_shapes_name_the_argument():
+    cfg = tiny()
+    model = build_mmdit(cfg)
+    inp = inputs(cfg)
+    bad = {
+        "x": {"x": torch.randn(B, H * W, 15)},
+        "t": {"t": torch.rand(B, H * W + 1)},
+        "ids": {"ids": image_ids()[:, :, :3]},
+        "txt": {"txt": torch.randn(B, L_TXT, 31)},
+    }
+    for name, override in bad.items():
+        with pytest.raises(ValueError, match=rf"^{name} must be .*got \("):
+            model(**{**inp, **override})
+    with pytest.raises(ValueError, match=r"^ids must be \(3, 6, 4\).*got None"):
+        model(**{**inp, "ids": None})
+    with pytest.raises(ValueError, match=r"^txt_ids must be \(3, 5, 4\)"):
+        model(**inp, txt_ids=text_ids(n=4))
+    with pytest.raises(ValueError, match=r"^y must be"):
+        model(**inp, y=torch.zeros(B, dtype=torch.long))  # num_classes is 0
+    with pytest.raises(ValueError, match="'audio'"):
+        model(**inp, modality="audio")
+
+
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layer", [1, 2, 3])
+def test_hidden_states_stops_early_and_matches_full_run(layer):
+    cfg = tiny(projector_dim=8)
+    model = randomised(cfg)
+    inp = inputs(cfg)
+    blocks = [*model.double_blocks, *model.single_blocks]
+    captured = {}
+
+    def capture(module, args, out):
+        captured["h"] = out[0] if isinstance(out, tuple) else out[:, L_TXT:]
+
+    blocks[layer - 1].register_forward_hook(capture)
+    with torch.no_grad():
+        full = model.forward_with_features(**inp, layer=layer)
+        assert torch.equal(full.velocity, model(**inp))
+
+        def refuse(*_):
+            raise RuntimeError("ran past the requested layer")
+
+        handles = [b.register_forward_pre_hook(refuse) for b in blocks[layer:]]
+        handles.append(model.final_layer.register_forward_pre_hook(refuse))
+        handles.append(model.final_layer.adaLN_modulation.register_forward_pre_hook(refuse))
+        h = model.hidden_states(**inp, layer=layer)
+        for handle in handles:
+            handle.remove()
+    assert h.shape == (B, H * W, cfg.hidden_size)
+    assert torch.equal(h, captured["h"])
+    assert torch.equal(full.features, model.projector(h))
+    with pytest.raises(ValueError, match="layer"):
+        model.hidden_states(**inp, layer=cfg.depth + 1)
+
+
+# ----------------------------------------------------------------------------------------------
+def test_625m_preset_parameter_count():
+    with torch.device("meta"):
+        model = MMDiT(MMDiTConfig.mmdit_625m())
+    n = count_parameters(model)
+    print(f"mmdit_625m parameters: {n:,} (projector {count_parameters(model.projector):,})")
+    assert abs(n - 625e6) / 625e6 < 0.02
+
+
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"num_heads": 5}, "num_heads"),
+        ({"axes_dim": [4, 4, 4]}, "axes_dim"),
+        ({"axes_dim": [3, 7, 6]}, "axes_dim"),
+        ({"modalities": {"smell": [4, 4]}}, "modalities"),
+        ({"modalities": {"image": [16]}}, "modalities"),
+        ({"depth_double": 0, "depth_single": 0}, "depth_double"),
+        ({"depth_single": -1}, "depth_single"),
+        ({"text_timestep": "median"}, "text_timestep"),
+        ({"mlp_ratio": 0.0}, "mlp_ratio"),
+    ],
+)
+def test_config_validation_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny(**overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+def test_per_modality_projections():
+    cfg = tiny(modalities={"image": [16, 16], "audio": [8, 12]})
+    model = randomised(cfg)
+    keys = set(model.state_dict())
+    assert {"img_in.weight", "aud_in.weight", "final_layer.linear.weight", "final_layer.aud_linear.weight"} <= keys
+    inp = inputs(cfg)
+    audio = torch.randn(B, 4, 8)
+    audio_ids = torch.zeros(B, 4, 4, dtype=torch.long)
+    audio_ids[..., 0] = torch.arange(4)  # (frame, 0, 0, 0)
+    with torch.no_grad():
+        v_img = model(**inp)
+        v_aud = model(audio, inp["t"], audio_ids, inp["txt"], modality="audio")
+        assert v_aud.shape == (B, 4, 12)
+        model.aud_in.weight.add_(0.1)
+        assert torch.equal(model(**inp), v_img)
+        assert not torch.allclose(model(audio, inp["t"], audio_ids, inp["txt"], modality="audio"), v_aud)
+    with pytest.raises(ValueError, match="^x must be"):
+        model(audio, inp["t"], audio_ids, inp["txt"])  # 8-channel tokens into the image projection
