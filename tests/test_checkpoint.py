@@ -74,7 +74,10 @@ def test_missing_and_corrupt_files(tmp_path):
         load_weights(SiT(CFG), tmp_path / "nope.pt")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.warns(UserWarning, match="pickled objects"), pytest.raises(ValueError, match="cannot read checkpoint.*bad.pt"):
+    with (
+        pytest.warns(UserWarning, match="pickled objects"),
+        pytest.raises(ValueError, match="cannot read checkpoint.*bad.pt"),
+    ):
         load_weights(SiT(CFG), bad)
     good = tmp_path / "good.pt"
     torch.save({"model": random_state()}, good)

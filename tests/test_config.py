@@ -47,8 +47,12 @@ def test_unknown_key_names_key_and_file(tmp_path):
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("inner.steps=1.5", "inner.steps must be int"), ("flag=yes please", "flag must be bool"),
-     ("inner.steps=true", "inner.steps must be int"), ("inner.names=3", r"inner.names must be list")],
+    [
+        ("inner.steps=1.5", "inner.steps must be int"),
+        ("flag=yes please", "flag must be bool"),
+        ("inner.steps=true", "inner.steps must be int"),
+        ("inner.names=3", r"inner.names must be list"),
+    ],
 )
 def test_wrong_type_names_key(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):

@@ -96,7 +96,9 @@ def test_interpolation_and_target():
     torch.testing.assert_close(deriv, velocity_target(x0, noise), rtol=0, atol=1e-3)
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [({"distribution": "beta"}, "distribution"), ({"std": 0}, "std"), ({"shift": -1}, "shift")])
+@pytest.mark.parametrize(
+    ("kwargs", "message"), [({"distribution": "beta"}, "distribution"), ({"std": 0}, "std"), ({"shift": -1}, "shift")]
+)
 def test_timestep_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TimestepConfig(**kwargs)

@@ -15,8 +15,16 @@ from selfflow.cli import main
 
 MODEL = SiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=5)
 OVERRIDES = [
-    "model.input_size=4", "model.patch_size=2", "model.in_channels=4", "model.hidden_size=32", "model.depth=2",
-    "model.num_heads=2", "model.num_classes=5", "sampler.num_steps=6", "num_samples=5", "device=cpu",
+    "model.input_size=4",
+    "model.patch_size=2",
+    "model.in_channels=4",
+    "model.hidden_size=32",
+    "model.depth=2",
+    "model.num_heads=2",
+    "model.num_classes=5",
+    "sampler.num_steps=6",
+    "num_samples=5",
+    "device=cpu",
 ]
 
 
@@ -26,9 +34,15 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("assets")
     torch.manual_seed(0)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=4, sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=4,
+        sample_size=32,
     )
     vae.save_pretrained(root / "vae")
     model = SiT(MODEL)
@@ -61,9 +75,21 @@ def test_samples_do_not_depend_on_batch_size_or_processes(tmp_path, assets):
     small = run(tmp_path / "small", assets, "batch_size=2")
     assert_same_images(one, small)
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-        "-m", "selfflow.cli", "sample", *OVERRIDES, f"vae={assets['vae']}", f"checkpoint={assets['ckpt']}",
-        f"out_dir={tmp_path / 'two'}", "batch_size=2",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29517",
+        "-m",
+        "selfflow.cli",
+        "sample",
+        *OVERRIDES,
+        f"vae={assets['vae']}",
+        f"checkpoint={assets['ckpt']}",
+        f"out_dir={tmp_path / 'two'}",
+        "batch_size=2",
     ]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     two = np.load(tmp_path / "two" / "samples_5.npz")["arr_0"]

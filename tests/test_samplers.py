@@ -45,7 +45,9 @@ def _noise(n: int = 512) -> torch.Tensor:
 
 def _ode_error(kind: str, steps: int, shift: float = 1.0) -> float:
     z = _noise()
-    out = sample(gaussian_velocity, z, torch.zeros(len(z)), SamplerConfig(kind=kind, num_steps=steps, sample_shift=shift))
+    out = sample(
+        gaussian_velocity, z, torch.zeros(len(z)), SamplerConfig(kind=kind, num_steps=steps, sample_shift=shift)
+    )
     return (out - (MU + SIGMA * z)).abs().max().item()
 
 
@@ -125,8 +127,12 @@ def test_per_sample_noise_is_batch_invariant():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"kind": "ddim"}, "kind"), ({"num_steps": 0}, "num_steps"), ({"cfg_interval": [0.8, 0.2]}, "cfg_interval"),
-     ({"kind": "sde", "sample_shift": 3.0}, "sample_shift")],
+    [
+        ({"kind": "ddim"}, "kind"),
+        ({"num_steps": 0}, "num_steps"),
+        ({"cfg_interval": [0.8, 0.2]}, "cfg_interval"),
+        ({"kind": "sde", "sample_shift": 3.0}, "sample_shift"),
+    ],
 )
 def test_sampler_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -82,7 +82,9 @@ def sincos_2d_table(dim: int, grid: int) -> Tensor:
     First half encodes the column (w), second half the row (h); each half is `[sin, cos]`.
     """
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    h, w = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    h, w = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+    )
 
     def axis(pos: Tensor) -> Tensor:
         angles = pos.reshape(-1, 1) * omega
@@ -235,7 +237,7 @@ class SiT(nn.Module):
             raise ValueError(f"y must be ({B},) class ids, got {tuple(y.shape)}")
         if ids is not None and ids.shape[:2] != (B, L):
             raise ValueError(f"ids must be ({B}, {L}, 4), got {tuple(ids.shape)}")
-        if ids is None and L != self.cfg.grid**2:
+        if ids is None and self.cfg.grid**2 != L:
             raise ValueError(f"x has {L} tokens; without ids the model expects the full {self.cfg.grid**2}")
 
     def _embed(self, x: Tensor, t: Tensor, y: Tensor, ids: Tensor | None) -> tuple[Tensor, Tensor, TokenRows]:

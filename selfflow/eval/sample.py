@@ -27,7 +27,7 @@ from selfflow.backbone.checkpoint import load_weights
 from selfflow.backbone.sit import SiT, SiTConfig
 from selfflow.config import save_config
 from selfflow.flow.samplers import PerSampleNoise, SamplerConfig, sample
-from selfflow.modalities.grid import image_ids, patchify, unpatchify
+from selfflow.modalities.grid import patchify, unpatchify
 
 
 @dataclass
@@ -78,7 +78,9 @@ def build_model(cfg: SampleConfig, device: torch.device) -> SiT:
         report = load_weights(model, cfg.checkpoint, prefer=prefer)
         tqdm.write(str(report))
         if report.missing:
-            raise ValueError(f"{cfg.checkpoint} lacks {len(report.missing)} weights of this model: {report.missing[:8]}")
+            raise ValueError(
+                f"{cfg.checkpoint} lacks {len(report.missing)} weights of this model: {report.missing[:8]}"
+            )
     else:
         torch.manual_seed(cfg.seed)
         model.init_weights()
@@ -96,7 +98,7 @@ def load_vae(path: str, device: torch.device):
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"vae folder {folder} has no config.json (expected a diffusers AutoencoderKL folder)")
-    return AutoencoderKL.from_pretrained(str(folder), local_files_only=True).to(device).eval()
+    return AutoencoderKL.from_pretrained(str(folder), local_files_only=True, low_cpu_mem_usage=False).to(device).eval()
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -146,7 +148,7 @@ def run_sample(cfg: SampleConfig) -> Path:
     mine = list(range(rank, cfg.num_samples, world))
     batches = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
     for indices in tqdm(batches, desc=f"sampling (rank {rank})", disable=rank != 0):
-        for i, image in zip(indices, sample_batch(model, vae, cfg, indices, device)):
+        for i, image in zip(indices, sample_batch(model, vae, cfg, indices, device), strict=True):
             Image.fromarray(image).save(png_dir / f"{i:06d}.png")
 
     if distributed:

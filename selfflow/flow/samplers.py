@@ -124,7 +124,7 @@ def ode_grid(num_steps: int, shift: float) -> list[float]:
 
 def euler(velocity: Guided, x: Tensor, cfg: SamplerConfig) -> Tensor:
     grid = ode_grid(cfg.num_steps, cfg.sample_shift)
-    for t, t_next in zip(grid[:-1], grid[1:]):
+    for t, t_next in zip(grid[:-1], grid[1:], strict=True):
         x, v = velocity(x, t)
         x = x + (t_next - t) * v
     return x
@@ -134,7 +134,7 @@ def heun(velocity: Guided, x: Tensor, cfg: SamplerConfig) -> Tensor:
     """Heun's second-order method (two velocity evaluations per step, t = 0 included: the
     velocity parameterisation stays finite there, unlike EDM's denoiser-derived slope)."""
     grid = ode_grid(cfg.num_steps, cfg.sample_shift)
-    for t, t_next in zip(grid[:-1], grid[1:]):
+    for t, t_next in zip(grid[:-1], grid[1:], strict=True):
         x, v = velocity(x, t)
         _, v_next = velocity(x + (t_next - t) * v, t_next)
         x = x + (t_next - t) * 0.5 * (v + v_next)
@@ -156,7 +156,7 @@ def sde(velocity: Guided, x: Tensor, cfg: SamplerConfig, noise: NoiseSource) -> 
         score = (s * u - x) / (1 - s)
         return x, u + (1 - s) * score
 
-    for s, s_next in zip(s_grid[:-1], s_grid[1:]):
+    for s, s_next in zip(s_grid[:-1], s_grid[1:], strict=True):
         ds = s_next - s
         eps = noise(x.shape, x)
         x, d = drift(x, s)

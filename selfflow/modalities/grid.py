@@ -32,7 +32,7 @@ def image_ids(batch: int, h: int, w: int, device: torch.device | None = None) ->
 def unpatchify(tokens: Tensor, ids: Tensor, patch: int, channels: int, h: int, w: int) -> Tensor:
     """Scatter tokens back to a `(B, C, h*p, w*p)` latent by their `(0, h, w, 0)` ids."""
     B, L, D = tokens.shape
-    if D != channels * patch * patch:
+    if channels * patch * patch != D:
         raise ValueError(f"tokens have {D} channels, expected {channels} * {patch}^2 = {channels * patch * patch}")
     if ids.shape[:2] != (B, L):
         raise ValueError(f"ids {tuple(ids.shape)} do not match tokens {tuple(tokens.shape)}")

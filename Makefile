@@ -1,0 +1,28 @@
+# The README's two commands: `make demo` (main job on built-in defaults) and `make test`
+# (lint + the whole test suite). Both create .venv on first use and are idempotent.
+PYTHON ?= python3
+TORCH ?= torch==2.14.1
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/selfflow sample --config configs/sample/tiny.yaml
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
