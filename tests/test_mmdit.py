@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from selfflow.backbone.layers import rope_nd
-from selfflow.backbone.mmdit import MMDiT, MMDiTConfig, build_mmdit, count_parameters, text_timesteps
+from selfflow.backbone.mmdit import MMDiT, MMDiTConfig, ModulationOut, build_mmdit, count_parameters, text_timesteps
 
 B, H, W, L_TXT = 3, 2, 3, 5
 
@@ -164,7 +164,6 @@ def test_double_block_matches_text_first_reference():
     txt_mod = list(torch.randn(6, B, 1, 64, generator=g) * 0.3)
     pos = torch.cat((text_ids(), image_ids()), dim=1)
     pe = rope_nd(pos, tuple(cfg.axes_dim), cfg.theta)
-    from selfflow.backbone.mmdit import ModulationOut
 
     def triples(m):
         return [ModulationOut(*m[:3]), ModulationOut(*m[3:])]
