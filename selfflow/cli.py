@@ -36,6 +36,7 @@ def _add_job(sub, name: str, help_text: str, description: str, cls: type) -> arg
 
 def main(argv: list[str] | None = None) -> int:
     from selfflow.eval.sample import SampleConfig, run_sample
+    from selfflow.training.train import TrainConfig, train
 
     parser = argparse.ArgumentParser(prog="selfflow", description="Self-Flow: self-supervised flow matching.")
     sub = parser.add_subparsers(dest="job", required=True)
@@ -49,11 +50,23 @@ def main(argv: list[str] | None = None) -> int:
         "so results do not depend on batch size or process count; run under torchrun for multi-GPU.",
         SampleConfig,
     )
+    _add_job(
+        sub,
+        "train",
+        "train the MMDiT trunk with Self-Flow / flow matching / REPA through DeepSpeed",
+        "Train the shared MMDiT trunk: each step draws one modality, noises it with dual timesteps\n"
+        "and trains student + EMA teacher (objective.method selects Self-Flow, vanilla flow matching\n"
+        "or REPA). Checkpoints go to run_dir/checkpoints; an existing run folder is resumed. Launch\n"
+        "one process directly, or many with torchrun / the deepspeed launcher / srun.",
+        TrainConfig,
+    )
     args = parser.parse_args(argv)
     try:
         if args.job == "sample":
             cfg = load_config(SampleConfig, args.config, args.overrides)
             run_sample(cfg)
+        elif args.job == "train":
+            train(load_config(TrainConfig, args.config, args.overrides))
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"selfflow {args.job}: error: {err}", file=sys.stderr)
         return 2

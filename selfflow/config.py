@@ -60,6 +60,9 @@ def config_keys(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
         if dataclasses.is_dataclass(hint):
             rows += config_keys(hint, f"{prefix}{f.name}.")
             continue
+        if _is_dataclass_dict(hint):
+            rows += config_keys(typing.get_args(hint)[1], f"{prefix}{f.name}.NAME.")
+            continue
         if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
@@ -93,6 +96,8 @@ def _build(cls: type[T], data: Any, prefix: str, source: str) -> T:
         hint = hints[f.name]
         if dataclasses.is_dataclass(hint):
             kwargs[f.name] = _build(hint, data.get(f.name, {}), f"{prefix}{f.name}.", source)
+        elif _is_dataclass_dict(hint) and f.name in data:
+            kwargs[f.name] = _build_dict(f, hint, data[f.name], f"{prefix}{f.name}", source)
         elif f.name in data:
             kwargs[f.name] = _coerce(data[f.name], hint, prefix + f.name, source)
     try:
@@ -104,6 +109,33 @@ def _build(cls: type[T], data: Any, prefix: str, source: str) -> T:
         raise ConfigError(f"{source}: {section}: {err}") from None
     except TypeError as err:  # a required field is missing
         raise ConfigError(f"{source}: {prefix.rstrip('.') or cls.__name__}: {err}") from None
+
+
+def _is_dataclass_dict(hint: Any) -> bool:
+    return typing.get_origin(hint) is dict and dataclasses.is_dataclass(typing.get_args(hint)[1])
+
+
+def _build_dict(f: dataclasses.Field, hint: Any, value: Any, key: str, source: str) -> dict:
+    """A `dict[str, Dataclass]` field: the given names are the entries; each entry starts from the
+    field's default entry of the same name (e.g. a modality's defaults), or from the class defaults."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {key} must be a mapping of name -> section, got {value!r}")
+    cls = typing.get_args(hint)[1]
+    defaults = f.default_factory() if f.default_factory is not dataclasses.MISSING else {}
+    out = {}
+    for name, entry in value.items():
+        base = dataclasses.asdict(defaults[name]) if name in defaults else {}
+        out[name] = _build(cls, _merge(base, entry or {}), f"{key}.{name}.", source)
+    return out
+
+
+def _merge(base: dict, update: Any) -> Any:
+    if not isinstance(update, dict):
+        return update
+    merged = dict(base)
+    for k, v in update.items():
+        merged[k] = _merge(base[k], v) if isinstance(base.get(k), dict) else v
+    return merged
 
 
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:

@@ -479,6 +479,23 @@ class MMDiT(nn.Module):
         img, txt, pe, cond = self._embed(x, t, ids, txt, txt_ids, y, modality, guidance)
         return self._blocks(img, txt, pe, cond, last=layer, tap=layer)[0]
 
+    def other_modalities_zero(self, modality: str) -> Tensor:
+        """A zero that depends on every other modality's input and output projection.
+
+        Adding it to the loss gives those parameters a (zero) gradient at every step, so a
+        data-parallel engine never sees a parameter without a fresh gradient (DeepSpeed ZeRO-3
+        would otherwise reuse the stale gradient of a modality drawn at an earlier step).
+        """
+        zero = self.final_layer.adaLN_modulation[-1].weight.new_zeros(())
+        for name, (in_dim, _) in self.cfg.modalities.items():
+            if name == modality:
+                continue
+            proj_in = getattr(self, input_name(name))
+            proj_out = getattr(self.final_layer, output_name(name))
+            zero = zero + proj_in(proj_in.weight.new_zeros(1, in_dim)).sum()
+            zero = zero + proj_out(proj_out.weight.new_zeros(1, self.cfg.hidden_size)).sum()
+        return zero * 0.0
+
 
 def build_mmdit(cfg: MMDiTConfig, device: torch.device | str = "cpu") -> MMDiT:
     """Construct on the meta device (no memory, no init cost), materialise once, then initialise."""

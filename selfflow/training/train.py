@@ -1,0 +1,307 @@
+"""`selfflow train`: Self-Flow (or flow matching / REPA) on the shared MMDiT trunk with DeepSpeed.
+
+Each optimizer step draws one modality (a function of `(seed, step)`, so every rank agrees)
+and trains on that modality's micro-batch; noise, timesteps, masks and condition dropout
+come from `(seed, step, rank)`, so a resumed run repeats the uninterrupted one bit for bit.
+
+    selfflow train --config configs/train/tiny.yaml                    # one process
+    torchrun --nproc-per-node 8 -m selfflow.cli train --config ...     # one node, 8 GPUs
+"""
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from selfflow.backbone.mmdit import MMDiT, MMDiTConfig, build_mmdit
+from selfflow.config import save_config
+from selfflow.data.synthetic import Batch, SyntheticConfig, SyntheticLatents, mix_seed
+from selfflow.flow.paths import TimestepConfig
+from selfflow.training import checkpoints
+from selfflow.training.engine import (
+    DeepSpeedConfig,
+    DistInfo,
+    EMATeacher,
+    Engine,
+    any_rank,
+    barrier,
+    fresh_copy,
+    init_distributed,
+    shutdown,
+)
+from selfflow.training.objective import LossTerms, ObjectiveConfig, drop_condition, noise_batch, training_loss
+from selfflow.training.tracking import Tracker, TrackingConfig
+
+
+@dataclass
+class MixConfig:
+    """One modality's share of training and its noising defaults (paper section 4)."""
+
+    probability: float = 1.0
+    batch_size: int = 8  # per process
+    mask_ratio: float = 0.25
+    timesteps: TimestepConfig = field(default_factory=lambda: TimestepConfig("logit_normal"))
+    data: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self):
+        if not 0 <= self.probability <= 1 or self.batch_size < 1 or not 0 <= self.mask_ratio <= 1:
+            raise ValueError("probability and mask_ratio must be in [0, 1] and batch_size >= 1")
+
+
+def default_mix() -> dict[str, MixConfig]:
+    """Paper defaults: image 57% x 38, video 30% x 8, audio 13% x 16; mask ratios 0.25 / 0.10 / 0.50.
+
+    Train shifts: audio 0.75 (public samples' names); image and video shifts are unknown (1.0).
+    """
+    return {
+        "image": MixConfig(0.57, 38, 0.25, TimestepConfig("logit_normal")),
+        "video": MixConfig(0.30, 8, 0.10, TimestepConfig("logit_normal")),
+        "audio": MixConfig(0.13, 16, 0.50, TimestepConfig("logit_normal", shift=0.75)),
+    }
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.9999
+    warmup: bool = False  # decay_t = min(decay, (1 + t) / (10 + t))
+
+    def __post_init__(self):
+        if not 0 <= self.decay < 1:
+            raise ValueError(f"decay must be in [0, 1), got {self.decay}")
+
+
+def ema_decay(cfg: EMAConfig, step: int) -> float:
+    """EMA decay after optimizer step `step` (0-based): a pure function of the step."""
+    return min(cfg.decay, (1 + step) / (10 + step)) if cfg.warmup else cfg.decay
+
+
+@dataclass
+class TrainConfig:
+    model: MMDiTConfig = field(default_factory=MMDiTConfig.mmdit_625m)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    modalities: dict[str, MixConfig] = field(default_factory=default_mix)
+    run_dir: str = "runs/selfflow"
+    steps: int = 1000  # optimizer steps in total (a resumed run continues to this count)
+    seed: int = 0
+    log_every: int = 10  # MLflow logging period; metrics.jsonl gets every step
+    save_every: int = 500
+    keep_checkpoints: int = 3
+    nan_policy: str = "stop"  # "stop": raise naming step, modality and term; "skip": skip and count
+    resume: bool = True  # continue from the run folder's latest complete checkpoint if there is one
+
+    def __post_init__(self):
+        total = sum(m.probability for m in self.modalities.values())
+        if not self.modalities or abs(total - 1) > 1e-6:
+            raise ValueError(f"modalities' probabilities must sum to 1, got {total}")
+        for name, mix in self.modalities.items():
+            dims = self.model.modalities.get(name)
+            if dims != [mix.data.channels] * 2:
+                raise ValueError(
+                    f"model.modalities.{name} must be [{mix.data.channels}, {mix.data.channels}], got {dims}"
+                )
+        if self.objective.method == "selfflow" and self.objective.gamma > 0 and not self.model.projector_dim:
+            raise ValueError("objective selfflow needs model.projector_dim > 0 (the projector's width)")
+        if max(self.objective.student_layer, self.objective.teacher_layer) > self.model.depth:
+            raise ValueError(f"objective layers must be <= model depth {self.model.depth}")
+        if self.nan_policy not in ("stop", "skip"):
+            raise ValueError(f"nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}")
+        if self.nan_policy == "skip" and self.deepspeed.grad_accum != 1:
+            raise ValueError("nan_policy 'skip' needs deepspeed.grad_accum = 1")
+        if self.steps < 1 or self.save_every < 1 or self.keep_checkpoints < 1 or self.log_every < 1:
+            raise ValueError("steps, save_every, keep_checkpoints and log_every must be >= 1")
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint holds besides model, optimizer and EMA weights."""
+
+    step: int = 0  # optimizer steps done; also the data position (batches are a function of it)
+    run_id: str | None = None  # MLflow run continued on resume
+    skipped: int = 0  # non-finite steps skipped
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def draw_modality(cfg: TrainConfig, micro_step: int) -> str:
+    """The modality of a micro-step: the same on every rank."""
+    u = np.random.default_rng(mix_seed(cfg.seed, micro_step, 104729)).random()
+    cumulative = 0.0
+    for name, mix in cfg.modalities.items():
+        cumulative += mix.probability
+        if u < cumulative:
+            return name
+    return name
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train to `cfg.steps` optimizer steps; returns the run folder."""
+    info = init_distributed()
+    run_dir = Path(cfg.run_dir)
+    try:
+        _train(cfg, info, run_dir)
+    finally:
+        shutdown()
+    return run_dir
+
+
+def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path) -> None:
+    if info.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = build_mmdit(cfg.model)
+    print(f"model parameters: {sum(p.numel() for p in model.parameters()):,}") if info.rank == 0 else None
+    teacher_init = fresh_copy(model)
+    max_batch = max(m.batch_size for m in cfg.modalities.values())
+    engine = Engine.create(model, cfg.deepspeed, micro_batch=max_batch, device=info.device)
+    ema = EMATeacher.create(engine, teacher_init)
+    state = resume(cfg, engine, ema, run_dir) if cfg.resume else TrainState()
+
+    tracker = Tracker(cfg.tracking, run_dir, info.rank, run_id=state.run_id)
+    state.run_id = tracker.run_id
+    tracker.log_params(cfg)
+    tracker.log_artifact(run_dir / "config.yaml")
+    data = {name: SyntheticLatents(name, mix.data, cfg.seed) for name, mix in cfg.modalities.items()}
+
+    bar = tqdm(range(state.step, cfg.steps), initial=state.step, total=cfg.steps, disable=info.rank != 0)
+    try:
+        for step in bar:
+            start = time.perf_counter()
+            metrics = optimizer_step(cfg, engine, ema, data, info, step, state)
+            metrics["step_time"] = time.perf_counter() - start
+            metrics["samples_per_s"] = metrics.pop("samples") * info.world / metrics["step_time"]
+            metrics["tokens_per_s"] = metrics.pop("tokens") * info.world / metrics["step_time"]
+            state.step = step + 1
+            if info.rank == 0:
+                _append_jsonl(run_dir / "metrics.jsonl", {"step": state.step, **metrics})
+                bar.set_postfix(
+                    loss=f"{metrics['loss']:.4f}", rep=f"{metrics['rep']:.3f}", s_per_step=f"{metrics['step_time']:.2f}"
+                )
+            if state.step % cfg.log_every == 0:
+                tracker.log_metrics(metrics, state.step)
+            if state.step % cfg.save_every == 0 or state.step == cfg.steps:
+                folder = save(cfg, engine, ema, state, run_dir, info.rank)
+                tracker.log_artifact(folder / "state.json", "checkpoints/" + folder.name)
+    except NonFiniteLoss:
+        tracker.close("FAILED")
+        raise
+    tracker.close()
+
+
+def optimizer_step(cfg, engine: Engine, ema: EMATeacher, data, info: DistInfo, step: int, state: TrainState) -> dict:
+    """Gradient accumulation over `grad_accum` micro-batches, the optimizer step, the EMA update."""
+    ga = cfg.deepspeed.grad_accum
+    sums = {"loss": 0.0, "fm": 0.0, "rep": 0.0, "samples": 0, "tokens": 0}
+    per_modality = {}
+    for micro in range(ga):
+        modality = draw_modality(cfg, step * ga + micro)
+        mix = cfg.modalities[modality]
+        batch = data[modality].batch(step * ga + micro, info.rank, mix.batch_size)
+        gen = torch.Generator().manual_seed(mix_seed(cfg.seed, step, micro, info.rank))
+        terms = micro_step_loss(cfg, engine, ema, batch, modality, gen, info.device)
+        bad = _non_finite(terms)
+        if any_rank(bad is not None):
+            where = f"step {step}, modality {modality}: loss term {bad or 'on another rank'} is not finite"
+            if cfg.nan_policy == "stop":
+                raise NonFiniteLoss(f"{where}; stopping (the last complete checkpoint is kept)")
+            state.skipped += 1
+            tqdm.write(f"skipping {where} ({state.skipped} skipped so far)")
+            return {
+                "loss": math.nan,
+                "fm": math.nan,
+                "rep": math.nan,
+                "samples": 0,
+                "tokens": 0,
+                "skipped": state.skipped,
+            }
+        engine.backward(terms.total / 1.0)
+        engine.step()
+        for key in ("loss", "fm", "rep"):
+            sums[key] += getattr(terms, "total" if key == "loss" else key).item() / ga
+        sums["samples"] += batch.x0.shape[0]
+        sums["tokens"] += batch.x0.shape[0] * batch.x0.shape[1]
+        per_modality[f"loss/{modality}"] = terms.total.item()
+    ema.update(ema_decay(cfg.ema, step))
+    return {**sums, **per_modality, "lr": engine.lr, "grad_norm": engine.grad_norm, "skipped": state.skipped}
+
+
+def micro_step_loss(cfg, engine: Engine, ema: EMATeacher, batch: Batch, modality: str, gen, device) -> LossTerms:
+    """Condition dropout, dual-timestep noising, student and teacher passes for one micro-batch."""
+    module: MMDiT = engine.module
+    x0 = batch.x0.to(device)
+    ids = batch.ids.to(device)
+    y = None
+    if cfg.model.num_classes:
+        keep = drop_condition(len(x0), cfg.objective.cond_dropout, gen)
+        y = torch.where(keep, batch.labels, cfg.model.num_classes - 1).to(device)  # the same for the teacher
+    mix = cfg.modalities[modality]
+    noised = noise_batch(x0, mix.timesteps, mix.mask_ratio, cfg.objective, gen)
+
+    def student(x, t, layer):
+        x = x.to(engine.dtype)
+        if layer is None:
+            return module(x, t, ids, y=y, modality=modality).float()
+        out = module.forward_with_features(x, t, ids, y=y, modality=modality, layer=layer)
+        return out.velocity.float(), out.features.float()
+
+    def teacher(x, t, layer):
+        autocast = torch.autocast(
+            device.type, torch.bfloat16, enabled=engine.dtype == torch.bfloat16 and device.type == "cuda"
+        )
+        with ema.gathered() as model, autocast:
+            return model.hidden_states(x, t, ids, y=y, modality=modality, layer=layer).float()
+
+    terms = training_loss(cfg.objective, x0, noised, student, teacher)
+    return terms._replace(total=terms.total + module.other_modalities_zero(modality))
+
+
+def _non_finite(terms: LossTerms) -> str | None:
+    for name in ("fm", "rep", "total"):
+        if not torch.isfinite(getattr(terms, name)).all():
+            return name
+    return None
+
+
+def save(cfg: TrainConfig, engine: Engine, ema: EMATeacher, state: TrainState, run_dir: Path, rank: int) -> Path:
+    """Every rank writes its part; rank 0 seals the folder and moves `latest` once all are done."""
+    folder = checkpoints.checkpoint_dir(run_dir, state.step)
+    engine.save(folder, client_state=asdict(state))
+    ema.save(folder / "ema.safetensors")
+    barrier()
+    if rank == 0:
+        checkpoints.write_state(folder, asdict(state))
+        save_config(cfg, folder / "config.yaml")
+        checkpoints.mark_complete(folder)
+        checkpoints.prune(run_dir, cfg.keep_checkpoints)
+    barrier()
+    return folder
+
+
+def resume(cfg: TrainConfig, engine: Engine, ema: EMATeacher, run_dir: Path) -> TrainState:
+    """Load the newest usable checkpoint of `run_dir` (older ones if it fails), or start fresh."""
+    for folder in checkpoints.candidates(run_dir):
+        try:
+            engine.load(folder)
+            ema.load(folder / "ema.safetensors")
+        except Exception as err:  # a corrupt file: say which, fall back to the previous checkpoint
+            tqdm.write(f"refusing checkpoint {folder}: {type(err).__name__}: {err}")
+            continue
+        state = TrainState(**checkpoints.read_state(folder))
+        tqdm.write(f"resumed from {folder} at step {state.step}")
+        return state
+    return TrainState()
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
