@@ -128,8 +128,8 @@ class TrainState:
     skipped: int = 0  # non-finite steps skipped
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or inf (the message names the step, the modality and the term)."""
 
 
 def draw_modality(cfg: TrainConfig, micro_step: int) -> str:
@@ -192,7 +192,7 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path) -> None:
             if state.step % cfg.save_every == 0 or state.step == cfg.steps:
                 folder = save(cfg, engine, ema, state, run_dir, info.rank)
                 tracker.log_artifact(folder / "state.json", "checkpoints/" + folder.name)
-    except NonFiniteLoss:
+    except NonFiniteLossError:
         tracker.close("FAILED")
         raise
     tracker.close()
@@ -213,7 +213,7 @@ def optimizer_step(cfg, engine: Engine, ema: EMATeacher, data, info: DistInfo, s
         if any_rank(bad is not None):
             where = f"step {step}, modality {modality}: loss term {bad or 'on another rank'} is not finite"
             if cfg.nan_policy == "stop":
-                raise NonFiniteLoss(f"{where}; stopping (the last complete checkpoint is kept)")
+                raise NonFiniteLossError(f"{where}; stopping (the last complete checkpoint is kept)")
             state.skipped += 1
             tqdm.write(f"skipping {where} ({state.skipped} skipped so far)")
             return {
