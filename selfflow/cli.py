@@ -36,7 +36,7 @@ def _add_job(sub, name: str, help_text: str, description: str, cls: type) -> arg
 
 def main(argv: list[str] | None = None) -> int:
     from selfflow.eval.sample import SampleConfig, run_sample
-    from selfflow.training.train import TrainConfig, train
+    from selfflow.training.train import NonFiniteLossError, TrainConfig, train
 
     parser = argparse.ArgumentParser(prog="selfflow", description="Self-Flow: self-supervised flow matching.")
     sub = parser.add_subparsers(dest="job", required=True)
@@ -60,6 +60,17 @@ def main(argv: list[str] | None = None) -> int:
         "one process directly, or many with torchrun / the deepspeed launcher / srun.",
         TrainConfig,
     )
+    exp = sub.add_parser(
+        "export",
+        help="write a run's EMA (and student) weights as one safetensors file plus the model config",
+        description="Consolidate a training checkpoint (any ZeRO stage, no processes needed) into a\n"
+        "safetensors file of fp32 EMA weights with the model config in its metadata and a .yaml beside it.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    exp.add_argument("--run", required=True, help="run folder (its latest complete checkpoint is used)")
+    exp.add_argument("--checkpoint", help="a specific checkpoint folder instead of the latest")
+    exp.add_argument("--out", required=True, help="output .safetensors path")
+    exp.add_argument("--student", action="store_true", help="also write OUT.student.safetensors (online weights)")
     args = parser.parse_args(argv)
     try:
         if args.job == "sample":
@@ -67,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
             run_sample(cfg)
         elif args.job == "train":
             train(load_config(TrainConfig, args.config, args.overrides))
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+        elif args.job == "export":
+            from selfflow.training.export import export
+
+            print(f"wrote {export(args.run, args.out, args.checkpoint, args.student)}")
+    except (ConfigError, FileNotFoundError, ValueError, NonFiniteLossError) as err:
         print(f"selfflow {args.job}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -83,7 +83,8 @@ def _set_path(data: dict, keys: list[str], value: Any, source: str) -> None:
     node[keys[-1]] = value
 
 
-def _build(cls: type[T], data: Any, prefix: str, source: str) -> T:
+def _build(cls: type[T], data: Any, prefix: str, source: str, base: Any = None) -> T:
+    """Build `cls` from `data`; fields `data` leaves out come from `base` (an instance) or the defaults."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -93,13 +94,16 @@ def _build(cls: type[T], data: Any, prefix: str, source: str) -> T:
         raise ConfigError(f"{source}: unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
     kwargs = {}
     for f in dataclasses.fields(cls):
-        hint = hints[f.name]
+        hint, key = hints[f.name], prefix + f.name
+        default = getattr(base, f.name) if base is not None else _field_default(f)
         if dataclasses.is_dataclass(hint):
-            kwargs[f.name] = _build(hint, data.get(f.name, {}), f"{prefix}{f.name}.", source)
+            kwargs[f.name] = _build(hint, data.get(f.name, {}), key + ".", source, base=default)
         elif _is_dataclass_dict(hint) and f.name in data:
-            kwargs[f.name] = _build_dict(f, hint, data[f.name], f"{prefix}{f.name}", source)
+            kwargs[f.name] = _build_dict(hint, data[f.name], default or {}, key, source)
         elif f.name in data:
-            kwargs[f.name] = _coerce(data[f.name], hint, prefix + f.name, source)
+            kwargs[f.name] = _coerce(data[f.name], hint, key, source)
+        elif base is not None:
+            kwargs[f.name] = default
     try:
         return cls(**kwargs)
     except ValueError as err:
@@ -111,31 +115,31 @@ def _build(cls: type[T], data: Any, prefix: str, source: str) -> T:
         raise ConfigError(f"{source}: {prefix.rstrip('.') or cls.__name__}: {err}") from None
 
 
+def _field_default(f: dataclasses.Field) -> Any:
+    """The field's default instance (a fresh one for factories), or None when it has none."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
 def _is_dataclass_dict(hint: Any) -> bool:
     return typing.get_origin(hint) is dict and dataclasses.is_dataclass(typing.get_args(hint)[1])
 
 
-def _build_dict(f: dataclasses.Field, hint: Any, value: Any, key: str, source: str) -> dict:
-    """A `dict[str, Dataclass]` field: the given names are the entries; each entry starts from the
-    field's default entry of the same name (e.g. a modality's defaults), or from the class defaults."""
+def _build_dict(hint: Any, value: Any, defaults: dict, key: str, source: str) -> dict:
+    """A `dict[str, Dataclass]` field: each given entry is built on the default entry of the same
+    name (e.g. a modality's defaults) or on the class defaults; `name: null` removes an entry."""
     if not isinstance(value, dict):
         raise ConfigError(f"{source}: {key} must be a mapping of name -> section, got {value!r}")
     cls = typing.get_args(hint)[1]
-    defaults = f.default_factory() if f.default_factory is not dataclasses.MISSING else {}
     out = {}
-    for name, entry in value.items():
-        base = dataclasses.asdict(defaults[name]) if name in defaults else {}
-        out[name] = _build(cls, _merge(base, entry or {}), f"{key}.{name}.", source)
+    for name in [*defaults, *(n for n in value if n not in defaults)]:
+        entry = value.get(name, {})
+        if entry is not None:
+            out[name] = _build(cls, entry, f"{key}.{name}.", source, base=defaults.get(name))
     return out
-
-
-def _merge(base: dict, update: Any) -> Any:
-    if not isinstance(update, dict):
-        return update
-    merged = dict(base)
-    for k, v in update.items():
-        merged[k] = _merge(base[k], v) if isinstance(base.get(k), dict) else v
-    return merged
 
 
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:

@@ -4,9 +4,10 @@
                                          state.json, config.yaml, then COMPLETE (written last)
     run_dir/checkpoints/latest           name of the newest complete checkpoint
 
-The pointer moves only after a checkpoint is complete, so a run killed while saving resumes
-from the previous one. A folder without its marker or with missing files is refused with a
-warning naming it, and the next older complete one is used.
+The pointer moves only after a checkpoint is complete (for people and tools; resuming trusts
+the markers). A run killed while saving resumes from the previous checkpoint: a folder
+without its marker or with missing files is refused with a warning naming it, and the next
+older complete one is used.
 """
 
 import json
@@ -54,15 +55,15 @@ def problems(folder: Path) -> list[str]:
 
 
 def candidates(run_dir: str | Path) -> list[Path]:
-    """Checkpoints to try, newest first: the `latest` one, then older complete-looking ones."""
+    """Complete-looking checkpoints, newest first; incomplete or broken ones are refused by name.
+
+    A complete folder newer than `latest` (a crash between sealing it and moving the pointer)
+    is used too: the marker, not the pointer, says a checkpoint is whole.
+    """
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
     folders = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")), reverse=True)
-    pointer = root / "latest"
-    if pointer.is_file():
-        latest = root / pointer.read_text().strip()
-        folders = [latest] + [f for f in folders if f.name < latest.name]
     usable = []
     for folder in folders:
         issues = problems(folder)

@@ -310,6 +310,17 @@ class EMATeacher:
         self.load_state_dict(load_file(str(path)))
 
 
+def consolidated_student(folder: Path) -> dict[str, Tensor]:
+    """Full fp32 student weights from a checkpoint folder of any ZeRO stage, offline (no processes)."""
+    if any(folder.glob("*optim_states.pt")) and any(folder.glob("zero_pp_rank_*")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    else:  # ZeRO stage 0: the module is saved whole
+        state = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {k: v.float().contiguous() for k, v in state.items()}
+
+
 def fresh_copy(model: nn.Module) -> nn.Module:
     """A detached fp32 copy of an (un-wrapped) model, made before `Engine.create`."""
     return copy.deepcopy(model).float()

@@ -57,12 +57,21 @@ def default_mix() -> dict[str, MixConfig]:
     """Paper defaults: image 57% x 38, video 30% x 8, audio 13% x 16; mask ratios 0.25 / 0.10 / 0.50.
 
     Train shifts: audio 0.75 (public samples' names); image and video shifts are unknown (1.0).
+    Token grids as the paper's latents: FLUX.2 AE 256 px (16x16 x 128 ch), Wan2.2 45 frames at
+    192x320 (12x12x20 x 48 ch), SongBloom 10 s (250 x 64 ch).
     """
     return {
-        "image": MixConfig(0.57, 38, 0.25, TimestepConfig("logit_normal")),
-        "video": MixConfig(0.30, 8, 0.10, TimestepConfig("logit_normal")),
-        "audio": MixConfig(0.13, 16, 0.50, TimestepConfig("logit_normal", shift=0.75)),
+        "image": MixConfig(0.57, 38, 0.25, TimestepConfig("logit_normal"), SyntheticConfig([1, 16, 16], 128)),
+        "video": MixConfig(0.30, 8, 0.10, TimestepConfig("logit_normal"), SyntheticConfig([12, 12, 20], 48)),
+        "audio": MixConfig(
+            0.13, 16, 0.50, TimestepConfig("logit_normal", shift=0.75), SyntheticConfig([250, 1, 1], 64)
+        ),
     }
+
+
+def default_model() -> MMDiTConfig:
+    """The paper's 625M trunk with image, video and audio projections."""
+    return MMDiTConfig(projector_dim=1152, modalities={"image": [128, 128], "video": [48, 48], "audio": [64, 64]})
 
 
 @dataclass
@@ -82,7 +91,7 @@ def ema_decay(cfg: EMAConfig, step: int) -> float:
 
 @dataclass
 class TrainConfig:
-    model: MMDiTConfig = field(default_factory=MMDiTConfig.mmdit_625m)
+    model: MMDiTConfig = field(default_factory=default_model)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
@@ -211,7 +220,7 @@ def optimizer_step(cfg, engine: Engine, ema: EMATeacher, data, info: DistInfo, s
         terms = micro_step_loss(cfg, engine, ema, batch, modality, gen, info.device)
         bad = _non_finite(terms)
         if any_rank(bad is not None):
-            where = f"step {step}, modality {modality}: loss term {bad or 'on another rank'} is not finite"
+            where = f"step {step + 1}, modality {modality}: loss term {bad or 'on another rank'} is not finite"
             if cfg.nan_policy == "stop":
                 raise NonFiniteLossError(f"{where}; stopping (the last complete checkpoint is kept)")
             state.skipped += 1

@@ -1,0 +1,62 @@
+"""`selfflow export`: a run's EMA (and optionally student) weights as one consolidated safetensors file.
+
+The file holds fp32 weights under the model's own parameter names plus the model config and
+step in its metadata, so sampling and evaluation load it with plain PyTorch (no DeepSpeed,
+no process group):
+
+    selfflow export --run runs/tiny --out exports/tiny.safetensors [--student]
+    model, meta = load_export("exports/tiny.safetensors")
+"""
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from selfflow.backbone.checkpoint import load_weights
+from selfflow.backbone.mmdit import MMDiT, MMDiTConfig
+from selfflow.config import load_config
+from selfflow.training import checkpoints
+from selfflow.training.engine import consolidated_student
+
+
+def export(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None, student: bool = False) -> Path:
+    """Write `out` (EMA) and, with `student`, `out` with a `.student` suffix; returns the EMA file."""
+    run_dir = Path(run_dir)
+    folder = Path(checkpoint) if checkpoint else next(iter(checkpoints.candidates(run_dir)), None)
+    if folder is None:
+        raise FileNotFoundError(f"no complete checkpoint in {checkpoints.checkpoint_root(run_dir)}")
+    issues = checkpoints.problems(folder)
+    if issues:
+        raise ValueError(f"checkpoint {folder} is not usable: {'; '.join(issues)}")
+    from selfflow.training.train import TrainConfig  # the run's own resolved config
+
+    cfg = load_config(TrainConfig, folder / "config.yaml")
+    meta = {
+        "format": "selfflow-export-1",
+        "model_config": json.dumps(asdict(cfg.model)),
+        "step": str(checkpoints.read_state(folder)["step"]),
+        "source": str(folder),
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(load_file(str(folder / "ema.safetensors")), str(out), metadata={**meta, "weights": "ema"})
+    out.with_suffix(".yaml").write_text(yaml.safe_dump(asdict(cfg.model), sort_keys=False))
+    if student:
+        path = out.with_name(out.stem + ".student.safetensors")
+        save_file(consolidated_student(folder), str(path), metadata={**meta, "weights": "student"})
+    return out
+
+
+def load_export(path: str | Path) -> tuple[MMDiT, dict[str, str]]:
+    """The exported model (eval mode, fp32) and the file's metadata."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != "selfflow-export-1":
+        raise ValueError(f"{path} is not a selfflow export (metadata format {meta.get('format')!r})")
+    model = MMDiT(MMDiTConfig(**json.loads(meta["model_config"])))
+    load_weights(model, path, strict=True)
+    return model.eval(), meta

@@ -1,0 +1,170 @@
+"""Training through real DeepSpeed on CPU (gloo): ZeRO-2/3 on 1 and 2 processes, EMA, exact resume,
+non-finite losses, corrupt checkpoints, export, and MLflow against a real server."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow_server import free_port, mlflow_server_fixture  # noqa: F401
+
+from selfflow.flow.samplers import SamplerConfig, sample
+from selfflow.training import checkpoints
+from selfflow.training.export import export, load_export
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "train" / "tiny.yaml"
+
+
+def launch(nproc: int, run_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`selfflow train` on the tiny preset, as a user runs it (torchrun for several processes)."""
+    cli = ["-m", "selfflow.cli", "train", "--config", str(TINY), f"run_dir={run_dir}", *overrides]
+    if nproc > 1:
+        dist = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port())]
+        cmd = [sys.executable, *dist, *cli]
+    else:
+        cmd = [sys.executable, *cli]
+    env = {**__import__("os").environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+TRACE_KEYS = ("loss", "fm", "rep", "grad_norm", "lr")
+
+
+def trace(rows: list[dict]) -> list[tuple]:
+    return [
+        (r["step"], *(r[k] for k in TRACE_KEYS), *sorted((k, v) for k, v in r.items() if k.startswith("loss/")))
+        for r in rows
+    ]
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory) -> Path:
+    """Uninterrupted reference: 2 processes, ZeRO-2, 12 steps, checkpoints every 6."""
+    run_dir = tmp_path_factory.mktemp("z2") / "run"
+    launch(2, run_dir, "steps=12", "save_every=6")
+    return run_dir
+
+
+def test_zero2_two_processes_trains(zero2_run):
+    rows = metrics(zero2_run)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert {m for r in rows for m in r if m.startswith("loss/")} == {"loss/image", "loss/video", "loss/audio"}
+    first, last = (sum(r["rep"] for r in part) / 3 for part in (rows[:3], rows[-3:]))
+    assert last < first - 0.05  # the student learns to predict the teacher's features (cosine rises)
+    assert [p.name for p in sorted(checkpoints.checkpoint_root(zero2_run).glob("step_*"))] == [
+        "step_00000006",
+        "step_00000012",
+    ]
+    assert (checkpoints.checkpoint_root(zero2_run) / "latest").read_text().strip() == "step_00000012"
+
+
+def test_zero3_matches_zero2_with_unused_modality_parameters(zero2_run, tmp_path):
+    """Each step trains one modality; the others' projections must not keep stale gradients."""
+    run_dir = tmp_path / "z3"
+    launch(2, run_dir, "steps=12", "save_every=12", "deepspeed.zero_stage=3")
+    ours, reference = metrics(run_dir), metrics(zero2_run)
+    for a, b in zip(ours, reference, strict=True):
+        for key in TRACE_KEYS:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+def test_resume_reproduces_uninterrupted_loss_trace(zero2_run, tmp_path):
+    run_dir = tmp_path / "resumed"
+    launch(2, run_dir, "steps=6", "save_every=6")
+    launch(2, run_dir, "steps=12", "save_every=6")
+    assert trace(metrics(run_dir)) == trace(metrics(zero2_run))  # bit for bit, every logged term
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.resolve() / 'mlflow.db'}")
+    runs = client.search_runs(client.get_experiment_by_name("selfflow").experiment_id)
+    assert len(runs) == 1  # the resumed job continued the same MLflow run
+    history = client.get_metric_history(runs[0].info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 13))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_ema_equals_independent_ema_on_two_processes(stage):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
+    cmd += [str(REPO / "tests" / "distributed" / "ema_check.py"), str(stage)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count(f"zero-{stage}: max |ema - reference|") == 2
+
+
+def test_one_process_zero3_with_mlflow_server(tmp_path, mlflow_server):
+    run_dir = tmp_path / "tracked"
+    launch(1, run_dir, "steps=5", "save_every=5", "deepspeed.zero_stage=3", f"tracking.tracking_uri={mlflow_server}")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    runs = client.search_runs(client.get_experiment_by_name("selfflow").experiment_id)
+    run = next(r for r in runs if r.data.tags.get("selfflow.run_dir") == str(run_dir.resolve()))
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.hidden_size"] == "64" and run.data.params["deepspeed.zero_stage"] == "3"
+    for key in ("loss", "fm", "rep", "grad_norm", "lr", "samples_per_s", "tokens_per_s"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3, 4, 5], key
+    logged = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert logged == pytest.approx([r["loss"] for r in metrics(run_dir)])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "config.yaml" in artifacts and "checkpoints" in artifacts
+
+
+def test_non_finite_loss_stop_skip_and_corrupt_checkpoint(tmp_path):
+    run_dir = tmp_path / "nan"
+    launch(1, run_dir, "steps=4", "save_every=2")
+    poisoned = ["modalities.image.data.item_noise=1e39", "steps=6"]  # inf latents -> inf flow-matching loss
+
+    stopped = launch(1, run_dir, *poisoned, check=False)
+    assert stopped.returncode != 0
+    found = re.search(r"step (\d+), modality image: loss term fm is not finite", stopped.stderr)
+    assert found, stopped.stderr[-2000:]
+    assert metrics(run_dir)[-1]["step"] == int(found.group(1)) - 1  # logs stop right before the bad step
+    assert (checkpoints.checkpoint_root(run_dir) / "latest").read_text().strip() == "step_00000004"
+    assert checkpoints.problems(checkpoints.checkpoint_dir(run_dir, 4)) == []
+
+    # a corrupt latest checkpoint is refused by name and the previous one is used
+    shutil.copytree(run_dir, tmp_path / "corrupt")
+    model_file = next(checkpoints.checkpoint_dir(tmp_path / "corrupt", 4).glob("*model_states.pt"))
+    model_file.write_bytes(model_file.read_bytes()[:100])
+    fallback = launch(1, tmp_path / "corrupt", "steps=5", "save_every=100")
+    said = fallback.stdout + fallback.stderr
+    assert "refusing checkpoint" in said and "step_00000004" in said
+    assert f"resumed from {checkpoints.checkpoint_dir(tmp_path / 'corrupt', 2)} at step 2" in said
+
+    skipped = launch(1, run_dir, *poisoned, "nan_policy=skip")
+    rows = metrics(run_dir)
+    assert [r["skipped"] for r in rows if r["step"] > 4][-1] == sum(
+        1 for r in rows if r["step"] > 4 and r["loss"] != r["loss"]
+    )
+    assert "skipping step" in skipped.stdout + skipped.stderr
+
+
+def test_export_loads_without_deepspeed_and_samples(zero2_run, tmp_path):
+    out = export(zero2_run, tmp_path / "tiny.safetensors", student=True)
+    model, meta = load_export(out)
+    assert meta["step"] == "12" and meta["weights"] == "ema"
+    student, _ = load_export(tmp_path / "tiny.student.safetensors")
+    ema_diff = max((a - b).abs().max().item() for a, b in zip(model.parameters(), student.parameters(), strict=True))
+    assert ema_diff > 0  # EMA and online weights are different files
+    ids = torch.zeros(2, 16, 4, dtype=torch.long)
+    ids[..., 1], ids[..., 2] = torch.arange(16) // 4, torch.arange(16) % 4
+    y = torch.tensor([1, 2])
+    out = sample(
+        lambda x, t, labels: model(x, t, ids, y=labels),
+        torch.randn(2, 16, 16),
+        y,
+        SamplerConfig(kind="euler", num_steps=4),
+    )
+    assert out.shape == (2, 16, 16) and torch.isfinite(out).all()
