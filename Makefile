@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/selfflow sample --config configs/sample/tiny.yaml
+	$(BIN)/selfflow train --config configs/train/tiny.yaml run_dir=runs/demo
+	$(BIN)/selfflow export --run runs/demo --out runs/demo/export/ema.safetensors
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

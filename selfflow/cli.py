@@ -36,6 +36,7 @@ def _add_job(sub, name: str, help_text: str, description: str, cls: type) -> arg
 
 def main(argv: list[str] | None = None) -> int:
     from selfflow.eval.sample import SampleConfig, run_sample
+    from selfflow.training import checkpoints
     from selfflow.training.train import NonFiniteLossError, TrainConfig, train
 
     parser = argparse.ArgumentParser(prog="selfflow", description="Self-Flow: self-supervised flow matching.")
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         "so results do not depend on batch size or process count; run under torchrun for multi-GPU.",
         SampleConfig,
     )
-    _add_job(
+    train_parser = _add_job(
         sub,
         "train",
         "train the MMDiT trunk with Self-Flow / flow matching / REPA through DeepSpeed",
@@ -60,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         "one process directly, or many with torchrun / the deepspeed launcher / srun.",
         TrainConfig,
     )
+    train_parser.add_argument(
+        "--resume", action="store_true", help="require a checkpoint in run_dir to continue from (error if none)"
+    )
+    train_parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     exp = sub.add_parser(
         "export",
         help="write a run's EMA (and student) weights as one safetensors file plus the model config",
@@ -77,7 +82,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(SampleConfig, args.config, args.overrides)
             run_sample(cfg)
         elif args.job == "train":
-            train(load_config(TrainConfig, args.config, args.overrides))
+            cfg = load_config(TrainConfig, args.config, args.overrides)
+            if args.resume and not checkpoints.candidates(cfg.run_dir):
+                raise FileNotFoundError(
+                    f"--resume: no complete checkpoint in {checkpoints.checkpoint_root(cfg.run_dir)}"
+                )
+            train(cfg)
         elif args.job == "export":
             from selfflow.training.export import export
 

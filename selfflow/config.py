@@ -51,25 +51,22 @@ def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
 
-def config_keys(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
+def config_keys(cls: type, prefix: str = "", base: Any = None) -> list[tuple[str, str, Any]]:
     """Flattened `(key, type, default)` rows of a config class, for `--help` texts."""
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
+        default = getattr(base, f.name) if base is not None else _field_default(f)
         if dataclasses.is_dataclass(hint):
-            rows += config_keys(hint, f"{prefix}{f.name}.")
-            continue
-        if _is_dataclass_dict(hint):
-            rows += config_keys(typing.get_args(hint)[1], f"{prefix}{f.name}.NAME.")
-            continue
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
+            rows += config_keys(hint, f"{prefix}{f.name}.", default)
+        elif _is_dataclass_dict(hint):
+            entry_cls = typing.get_args(hint)[1]
+            for name, entry in (default or {"NAME": None}).items():
+                rows += config_keys(entry_cls, f"{prefix}{f.name}.{name}.", entry)
         else:
-            default = "(required)"
-        rows.append((prefix + f.name, _type_name(hint), default))
+            is_required = base is None and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            rows.append((prefix + f.name, _type_name(hint), "(required)" if is_required else default))
     return rows
 
 

@@ -168,3 +168,47 @@ def test_export_loads_without_deepspeed_and_samples(zero2_run, tmp_path):
         SamplerConfig(kind="euler", num_steps=4),
     )
     assert out.shape == (2, 16, 16) and torch.isfinite(out).all()
+
+
+def test_flow_matching_baseline_on_zero0_and_student_export(tmp_path):
+    run_dir = tmp_path / "fm"
+    launch(1, run_dir, "steps=4", "save_every=4", "objective.method=fm", "deepspeed.zero_stage=0")
+    rows = metrics(run_dir)
+    assert len(rows) == 4 and all(r["rep"] == 0.0 and r["loss"] == r["fm"] for r in rows)
+    export(run_dir, tmp_path / "fm.safetensors", student=True)
+    student, meta = load_export(tmp_path / "fm.student.safetensors")
+    assert meta["weights"] == "student"
+
+
+def test_repa_aligns_to_a_local_transformers_encoder(tmp_path):
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    encoder = Dinov2Model(
+        Dinov2Config(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            patch_size=4,
+            image_size=16,
+        )
+    )
+    encoder.save_pretrained(tmp_path / "dinov2")
+    run_dir = tmp_path / "repa"
+    pixels_image = ["model.modalities.image=[12, 12]", "modalities.image.data.channels=12", "model.projector_dim=32"]
+    launch(
+        1,
+        run_dir,
+        "steps=6",
+        "save_every=6",
+        "objective.method=repa",
+        f"objective.repa_encoder={tmp_path / 'dinov2'}",
+        *pixels_image,
+    )
+    rows = metrics(run_dir)
+    image_rows = [r for r in rows if "loss/image" in r]
+    other_rows = [r for r in rows if "loss/image" not in r]
+    assert image_rows and other_rows
+    assert all(r["rep"] != 0.0 for r in image_rows)  # aligned to the encoder on images
+    assert all(r["rep"] == 0.0 for r in other_rows)  # video and audio train plain flow matching

@@ -26,6 +26,7 @@ instead: `target_features = RepaEncoder(folder)(images, grid_hw)` and
 `training_loss(cfg, x0, noised, student, target_features=target_features)`.
 """
 
+import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,6 +69,8 @@ class ObjectiveConfig:
     second_timestep: str = "independent"  # "independent" (paper) | "slightly_cleaner": s = clamp(t - delta, 0)
     cleaner_delta: float = 0.05
     cond_dropout: float = 0.1  # probability of dropping the condition (CFG training)
+    repa_encoder: str | None = None  # REPA: local folder of a transformers vision model (e.g. DINOv2)
+    repa_image_size: int = 0  # REPA: encoder input size; 0 = the encoder config's (REPA feeds DINOv2 224)
 
     def __post_init__(self):
         _check_choice("method", self.method, METHODS)
@@ -85,6 +88,10 @@ class ObjectiveConfig:
             raise ValueError(f"cleaner_delta must be in [0, 1], got {self.cleaner_delta}")
         if not 0 <= self.cond_dropout <= 1:
             raise ValueError(f"cond_dropout must be in [0, 1], got {self.cond_dropout}")
+        if self.method == "repa" and not self.repa_encoder:
+            raise ValueError("method 'repa' needs repa_encoder (a local encoder folder)")
+        if self.repa_image_size < 0:
+            raise ValueError(f"repa_image_size must be >= 0, got {self.repa_image_size}")
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -220,7 +227,13 @@ class RepaEncoder:
     when present, else ImageNet's.
     """
 
-    def __init__(self, path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        path: str | Path,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        image_size: int | None = None,
+    ):
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"REPA encoder folder missing or without config.json: {path}")
@@ -235,7 +248,10 @@ class RepaEncoder:
             mean, std = processor.get("image_mean", mean), processor.get("image_std", std)
         self.mean = torch.tensor(mean, device=device, dtype=dtype).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device, dtype=dtype).view(1, 3, 1, 1)
-        self.image_size = int(config.image_size)
+        self.image_size = int(image_size or config.image_size)
+        # ViTModel interpolates its position table only when asked; DINOv2 always does.
+        accepts = "interpolate_pos_encoding" in inspect.signature(self.model.forward).parameters
+        self.interpolate = accepts and self.image_size != int(config.image_size)
         self.patch_grid = self.image_size // int(config.patch_size)
         self.num_prefix = 1 + int(getattr(config, "num_register_tokens", 0) or 0)  # CLS + registers
         self.feature_dim = int(config.hidden_size)
@@ -251,7 +267,8 @@ class RepaEncoder:
         if tuple(x.shape[-2:]) != size:
             x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
         x = (x - self.mean) / self.std
-        hidden = self.model(pixel_values=x).last_hidden_state[:, self.num_prefix :]  # (B, gh*gw, d)
+        extra = {"interpolate_pos_encoding": True} if self.interpolate else {}
+        hidden = self.model(pixel_values=x, **extra).last_hidden_state[:, self.num_prefix :]  # (B, gh*gw, d)
         g = self.patch_grid
         if hidden.shape[1] != g * g:
             raise ValueError(f"encoder returned {hidden.shape[1]} patch tokens, expected a {g}x{g} grid")

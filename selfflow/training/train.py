@@ -11,7 +11,7 @@ come from `(seed, step, rank)`, so a resumed run repeats the uninterrupted one b
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from selfflow.backbone.mmdit import MMDiT, MMDiTConfig, build_mmdit
 from selfflow.config import save_config
 from selfflow.data.synthetic import Batch, SyntheticConfig, SyntheticLatents, mix_seed
 from selfflow.flow.paths import TimestepConfig
+from selfflow.modalities.grid import unpatchify
 from selfflow.training import checkpoints
 from selfflow.training.engine import (
     DeepSpeedConfig,
@@ -34,7 +35,14 @@ from selfflow.training.engine import (
     init_distributed,
     shutdown,
 )
-from selfflow.training.objective import LossTerms, ObjectiveConfig, drop_condition, noise_batch, training_loss
+from selfflow.training.objective import (
+    LossTerms,
+    ObjectiveConfig,
+    RepaEncoder,
+    drop_condition,
+    noise_batch,
+    training_loss,
+)
 from selfflow.training.tracking import Tracker, TrackingConfig
 
 
@@ -116,8 +124,8 @@ class TrainConfig:
                 raise ValueError(
                     f"model.modalities.{name} must be [{mix.data.channels}, {mix.data.channels}], got {dims}"
                 )
-        if self.objective.method == "selfflow" and self.objective.gamma > 0 and not self.model.projector_dim:
-            raise ValueError("objective selfflow needs model.projector_dim > 0 (the projector's width)")
+        if self.objective.method != "fm" and self.objective.gamma > 0 and not self.model.projector_dim:
+            raise ValueError(f"objective {self.objective.method} needs model.projector_dim > 0 (the projector's width)")
         if max(self.objective.student_layer, self.objective.teacher_layer) > self.model.depth:
             raise ValueError(f"objective layers must be <= model depth {self.model.depth}")
         if self.nan_policy not in ("stop", "skip"):
@@ -169,7 +177,8 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path) -> None:
         save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_mmdit(cfg.model)
-    print(f"model parameters: {sum(p.numel() for p in model.parameters()):,}") if info.rank == 0 else None
+    if info.rank == 0:
+        tqdm.write(f"model parameters: {sum(p.numel() for p in model.parameters()):,}")
     teacher_init = fresh_copy(model)
     max_batch = max(m.batch_size for m in cfg.modalities.values())
     engine = Engine.create(model, cfg.deepspeed, micro_batch=max_batch, device=info.device)
@@ -181,12 +190,16 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path) -> None:
     tracker.log_params(cfg)
     tracker.log_artifact(run_dir / "config.yaml")
     data = {name: SyntheticLatents(name, mix.data, cfg.seed) for name, mix in cfg.modalities.items()}
+    repa = None
+    if cfg.objective.method == "repa":
+        repa = RepaEncoder(cfg.objective.repa_encoder, info.device, image_size=cfg.objective.repa_image_size or None)
 
     bar = tqdm(range(state.step, cfg.steps), initial=state.step, total=cfg.steps, disable=info.rank != 0)
+    status = "FAILED"
     try:
         for step in bar:
             start = time.perf_counter()
-            metrics = optimizer_step(cfg, engine, ema, data, info, step, state)
+            metrics = optimizer_step(cfg, engine, ema, data, repa, info, step, state)
             metrics["step_time"] = time.perf_counter() - start
             metrics["samples_per_s"] = metrics.pop("samples") * info.world / metrics["step_time"]
             metrics["tokens_per_s"] = metrics.pop("tokens") * info.world / metrics["step_time"]
@@ -194,20 +207,25 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path) -> None:
             if info.rank == 0:
                 _append_jsonl(run_dir / "metrics.jsonl", {"step": state.step, **metrics})
                 bar.set_postfix(
-                    loss=f"{metrics['loss']:.4f}", rep=f"{metrics['rep']:.3f}", s_per_step=f"{metrics['step_time']:.2f}"
+                    loss=f"{metrics['loss']:.4f}",
+                    fm=f"{metrics['fm']:.4f}",
+                    rep=f"{metrics['rep']:.3f}",
+                    step_s=f"{metrics['step_time']:.3f}",
+                    samples_s=f"{metrics['samples_per_s']:.1f}",
                 )
             if state.step % cfg.log_every == 0:
                 tracker.log_metrics(metrics, state.step)
             if state.step % cfg.save_every == 0 or state.step == cfg.steps:
                 folder = save(cfg, engine, ema, state, run_dir, info.rank)
                 tracker.log_artifact(folder / "state.json", "checkpoints/" + folder.name)
-    except NonFiniteLossError:
-        tracker.close("FAILED")
-        raise
-    tracker.close()
+        status = "FINISHED"
+    finally:
+        tracker.close(status)
 
 
-def optimizer_step(cfg, engine: Engine, ema: EMATeacher, data, info: DistInfo, step: int, state: TrainState) -> dict:
+def optimizer_step(
+    cfg, engine: Engine, ema: EMATeacher, data, repa, info: DistInfo, step: int, state: TrainState
+) -> dict:
     """Gradient accumulation over `grad_accum` micro-batches, the optimizer step, the EMA update."""
     ga = cfg.deepspeed.grad_accum
     sums = {"loss": 0.0, "fm": 0.0, "rep": 0.0, "samples": 0, "tokens": 0}
@@ -217,7 +235,7 @@ def optimizer_step(cfg, engine: Engine, ema: EMATeacher, data, info: DistInfo, s
         mix = cfg.modalities[modality]
         batch = data[modality].batch(step * ga + micro, info.rank, mix.batch_size)
         gen = torch.Generator().manual_seed(mix_seed(cfg.seed, step, micro, info.rank))
-        terms = micro_step_loss(cfg, engine, ema, batch, modality, gen, info.device)
+        terms = micro_step_loss(cfg, engine, ema, batch, modality, gen, info.device, repa)
         bad = _non_finite(terms)
         if any_rank(bad is not None):
             where = f"step {step + 1}, modality {modality}: loss term {bad or 'on another rank'} is not finite"
@@ -233,7 +251,7 @@ def optimizer_step(cfg, engine: Engine, ema: EMATeacher, data, info: DistInfo, s
                 "tokens": 0,
                 "skipped": state.skipped,
             }
-        engine.backward(terms.total / 1.0)
+        engine.backward(terms.total)  # DeepSpeed divides by grad_accum itself
         engine.step()
         for key in ("loss", "fm", "rep"):
             sums[key] += getattr(terms, "total" if key == "loss" else key).item() / ga
@@ -244,9 +262,15 @@ def optimizer_step(cfg, engine: Engine, ema: EMATeacher, data, info: DistInfo, s
     return {**sums, **per_modality, "lr": engine.lr, "grad_norm": engine.grad_norm, "skipped": state.skipped}
 
 
-def micro_step_loss(cfg, engine: Engine, ema: EMATeacher, batch: Batch, modality: str, gen, device) -> LossTerms:
+def micro_step_loss(cfg, engine: Engine, ema: EMATeacher, batch: Batch, modality: str, gen, device, repa) -> LossTerms:
     """Condition dropout, dual-timestep noising, student and teacher passes for one micro-batch."""
     module: MMDiT = engine.module
+    objective, target = cfg.objective, None
+    if objective.method == "repa":  # REPA's encoder sees images; other modalities train plain flow matching
+        if modality == "image":
+            target = repa(pixels(batch), tuple(int(g) for g in cfg.modalities[modality].data.grid[1:])).to(device)
+        else:
+            objective = replace(objective, method="fm")
     x0 = batch.x0.to(device)
     ids = batch.ids.to(device)
     y = None
@@ -254,7 +278,7 @@ def micro_step_loss(cfg, engine: Engine, ema: EMATeacher, batch: Batch, modality
         keep = drop_condition(len(x0), cfg.objective.cond_dropout, gen)
         y = torch.where(keep, batch.labels, cfg.model.num_classes - 1).to(device)  # the same for the teacher
     mix = cfg.modalities[modality]
-    noised = noise_batch(x0, mix.timesteps, mix.mask_ratio, cfg.objective, gen)
+    noised = noise_batch(x0, mix.timesteps, mix.mask_ratio, objective, gen)
 
     def student(x, t, layer):
         x = x.to(engine.dtype)
@@ -270,8 +294,18 @@ def micro_step_loss(cfg, engine: Engine, ema: EMATeacher, batch: Batch, modality
         with ema.gathered() as model, autocast:
             return model.hidden_states(x, t, ids, y=y, modality=modality, layer=layer).float()
 
-    terms = training_loss(cfg.objective, x0, noised, student, teacher)
+    terms = training_loss(objective, x0, noised, student, teacher, target_features=target)
     return terms._replace(total=terms.total + module.other_modalities_zero(modality))
+
+
+def pixels(batch: Batch) -> torch.Tensor:
+    """Images `(B, 3, H, W)` from raw-pixel image tokens (`3 * p * p` channels per token)."""
+    channels = batch.x0.shape[-1]
+    patch = math.isqrt(channels // 3)
+    if 3 * patch * patch != channels:
+        raise ValueError(f"REPA needs raw-pixel image tokens (3 * p * p channels), got {channels} channels")
+    h, w = int(batch.ids[0, :, 1].max()) + 1, int(batch.ids[0, :, 2].max()) + 1
+    return unpatchify(batch.x0, batch.ids, patch, 3, h, w)
 
 
 def _non_finite(terms: LossTerms) -> str | None:
