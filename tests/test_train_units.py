@@ -71,6 +71,7 @@ def test_modality_draw_frequencies_and_agreement():
         ("nan_policy=ignore", "nan_policy"),
         ("deepspeed.zero_stage=4", "zero_stage"),
         ("modalities.image.data.channels=7", "model.modalities.image"),
+        ("objective.method=repa", "repa_encoder"),
     ],
 )
 def test_train_config_errors(override, message):

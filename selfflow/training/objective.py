@@ -88,8 +88,6 @@ class ObjectiveConfig:
             raise ValueError(f"cleaner_delta must be in [0, 1], got {self.cleaner_delta}")
         if not 0 <= self.cond_dropout <= 1:
             raise ValueError(f"cond_dropout must be in [0, 1], got {self.cond_dropout}")
-        if self.method == "repa" and not self.repa_encoder:
-            raise ValueError("method 'repa' needs repa_encoder (a local encoder folder)")
         if self.repa_image_size < 0:
             raise ValueError(f"repa_image_size must be >= 0, got {self.repa_image_size}")
 

@@ -128,6 +128,8 @@ class TrainConfig:
             raise ValueError(f"objective {self.objective.method} needs model.projector_dim > 0 (the projector's width)")
         if max(self.objective.student_layer, self.objective.teacher_layer) > self.model.depth:
             raise ValueError(f"objective layers must be <= model depth {self.model.depth}")
+        if self.objective.method == "repa" and not self.objective.repa_encoder:
+            raise ValueError("objective.method repa needs objective.repa_encoder (a local encoder folder)")
         if self.nan_policy not in ("stop", "skip"):
             raise ValueError(f"nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}")
         if self.nan_policy == "skip" and self.deepspeed.grad_accum != 1:
