@@ -8,7 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from selfflow.backbone.layers import rope_nd
-from selfflow.backbone.mmdit import MMDiT, MMDiTConfig, ModulationOut, build_mmdit, count_parameters, text_timesteps
+from selfflow.backbone.mmdit import (
+    MMDiT,
+    MMDiTConfig,
+    ModulationOut,
+    Positions,
+    build_mmdit,
+    count_parameters,
+    text_timesteps,
+)
 
 B, H, W, L_TXT = 3, 2, 3, 5
 
@@ -169,7 +177,7 @@ def test_double_block_matches_text_first_reference():
         return [ModulationOut(*m[:3]), ModulationOut(*m[3:])]
 
     with torch.no_grad():
-        img_out, txt_out = block(img, txt, pe, triples(img_mod), triples(txt_mod))
+        img_out, txt_out = block(img, txt, Positions(pe, None), triples(img_mod), triples(txt_mod))
         ref_img, ref_txt = reference_double_block(block, img, txt, pos, img_mod, txt_mod, cfg)
     assert torch.allclose(img_out, ref_img, atol=1e-5)
     assert torch.allclose(txt_out, ref_txt, atol=1e-5)
@@ -189,7 +197,8 @@ def test_single_stream_sequence_is_text_then_data():
     with torch.no_grad():
         model(**inp)
         img, txt = seen["double_out"]
-        joint, pe, _ = seen["single_in"]
+        joint, (pe, mask), _ = seen["single_in"]
+        assert mask is None
         assert torch.equal(joint[:, :L_TXT], txt) and torch.equal(joint[:, L_TXT:], img)
         assert torch.equal(pe, rope_nd(torch.cat((text_ids(), inp["ids"]), dim=1), (4, 4, 4, 4), cfg.theta))
         h = model.hidden_states(**inp, layer=cfg.depth_double + 1)
@@ -354,3 +363,31 @@ def test_per_modality_projections():
         assert not torch.allclose(model(audio, inp["t"], audio_ids, inp["txt"], modality="audio"), v_aud)
     with pytest.raises(ValueError, match="^x must be"):
         model(audio, inp["t"], audio_ids, inp["txt"])  # 8-channel tokens into the image projection
+
+
+def test_text_padding_is_masked_and_token_ids_embed():
+    """Padded text positions (masked) do not change the data tokens' output, whatever they hold."""
+    torch.manual_seed(0)
+    cfg = MMDiTConfig.tiny()
+    cfg.text_vocab, cfg.text_max_length = 50, 8
+    model = build_mmdit(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x, t = torch.randn(2, 6, 16), torch.rand(2)
+    ids = torch.zeros(2, 6, 4, dtype=torch.long)
+    ids[..., 1] = torch.arange(6)
+    tokens = torch.randint(1, 50, (2, 4))
+    short = model(x, t, ids, tokens)
+    padded_tokens = torch.cat((tokens, torch.randint(1, 50, (2, 3))), dim=1)
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[:, :4] = True
+    padded = model(x, t, ids, padded_tokens, txt_mask=mask)
+    torch.testing.assert_close(padded, short, rtol=0, atol=1e-5)
+    unmasked = model(x, t, ids, padded_tokens)
+    assert (unmasked - short).abs().max() > 1e-3  # without the mask the padding would leak in
+    other = model(x, t, ids, torch.randint(1, 50, (2, 4)))
+    assert (other - short).abs().max() > 1e-3  # the text does condition the output
+    with pytest.raises(ValueError, match="txt_mask"):
+        model(x, t, ids, tokens, txt_mask=mask)
+    with pytest.raises(ValueError, match="token ids"):
+        build_mmdit(MMDiTConfig.tiny())(x, t, ids, tokens)

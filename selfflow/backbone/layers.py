@@ -36,11 +36,14 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tens
     return (1 + scale) * F.layer_norm(x, x.shape[-1:], eps=eps) + shift
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor | None = None) -> Tensor:
-    """Multi-head attention through SDPA. q, k, v: `(B, H, L, Dh)`; returns `(B, L, H * Dh)`."""
+def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    """Multi-head attention through SDPA. q, k, v: `(B, H, L, Dh)`; returns `(B, L, H * Dh)`.
+
+    `mask` `(B, L)` bool marks the keys that may be attended to (False: padding); None attends to all.
+    """
     if pe is not None:
         q, k = apply_rope(q, pe), apply_rope(k, pe)
-    out = F.scaled_dot_product_attention(q, k, v)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])
     return rearrange(out, "b h l d -> b l (h d)")
 
 

@@ -52,13 +52,17 @@ class MMDiTConfig:
     guidance_embed: bool = False  # FLUX guidance-distilled embedder
     projector_dim: int = 0  # Self-Flow projector width; 0: no projector
     text_timestep: str = "mean"  # per-sample timestep of text tokens from data tokens: mean | min | max
+    text_vocab: int = 0  # > 0: a learned token embedder (`txt_embedder`) turns text token ids into txt features
+    text_max_length: int = 0  # learned text positions of the token embedder
     modalities: dict[str, list[int]] = field(default_factory=lambda: {"image": [128, 128]})  # name -> [in, out]
 
     def __post_init__(self):
         for name in ("hidden_size", "num_heads", "mlp_ratio", "theta"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("depth_double", "depth_single", "context_dim", "num_classes", "projector_dim"):
+        if self.text_vocab and not (self.context_dim and self.text_max_length > 0):
+            raise ValueError("text_vocab needs context_dim > 0 and text_max_length > 0")
+        for name in ("depth_double", "depth_single", "context_dim", "num_classes", "projector_dim", "text_vocab"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.depth_double + self.depth_single < 1:
@@ -229,7 +233,7 @@ class DoubleStreamBlock(nn.Module):
         self,
         img: Tensor,
         txt: Tensor | None,
-        pe: Tensor,
+        pos: "Positions",
         img_mod: list[ModulationOut],
         txt_mod: list[ModulationOut] | None,
     ) -> tuple[Tensor, Tensor | None]:
@@ -238,7 +242,7 @@ class DoubleStreamBlock(nn.Module):
         if txt is not None:
             txt_q, txt_k, txt_v = self.txt_attn.heads(modulate(txt, txt_mod[0].shift, txt_mod[0].scale))
             q, k, v = (torch.cat((a, b), dim=2) for a, b in ((txt_q, q), (txt_k, k), (txt_v, v)))
-        attn = attention(q, k, v, pe)  # (B, L_txt + L_img, D)
+        attn = attention(q, k, v, pos.pe, pos.mask)  # (B, L_txt + L_img, D)
         img = img + img_mod1.gate * self.img_attn.proj(attn[:, n_txt:])
         img = img + img_mod2.gate * self.img_mlp(modulate(img, img_mod2.shift, img_mod2.scale))
         if txt is not None:
@@ -259,11 +263,11 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(dim // num_heads)
         self.mlp_act = SwiGLU()
 
-    def forward(self, x: Tensor, pe: Tensor, mod: ModulationOut) -> Tensor:
+    def forward(self, x: Tensor, pos: "Positions", mod: ModulationOut) -> Tensor:
         qkv, mlp = self.linear1(modulate(x, mod.shift, mod.scale)).split([3 * self.dim, 2 * self.mlp_hidden], -1)
         q, k, v = rearrange(qkv, "b l (k h d) -> k b h l d", k=3, h=self.num_heads)
         q, k = self.norm(q, k, v)
-        out = self.linear2(torch.cat((attention(q, k, v, pe), self.mlp_act(mlp)), dim=-1))
+        out = self.linear2(torch.cat((attention(q, k, v, pos.pe, pos.mask), self.mlp_act(mlp)), dim=-1))
         return x + mod.gate * out
 
 
@@ -293,6 +297,25 @@ class Projector(nn.Module):
         return self.linear2(self.act(self.linear1(x)))
 
 
+class TokenEmbedder(nn.Module):
+    """A small learned text encoder for tiny models: token table plus learned positions."""
+
+    def __init__(self, vocab: int, dim: int, max_length: int):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, dim)
+        self.positions = nn.Parameter(torch.zeros(max_length, dim))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if ids.shape[1] > self.positions.shape[0]:
+            raise ValueError(f"txt has {ids.shape[1]} tokens, the embedder holds {self.positions.shape[0]} positions")
+        return self.tokens(ids) + self.positions[: ids.shape[1]]
+
+
+class Positions(NamedTuple):
+    pe: Tensor  # (B, 1, L_txt + L, Dh/2, 2, 2) RoPE table of the joint sequence, text first
+    mask: Tensor | None  # (B, L_txt + L) bool, False on text padding; None when nothing is padded
+
+
 class Conditioning(NamedTuple):
     vec: Tensor  # (R, D): time (+ guidance, + class) embedding of each distinct (sample, t) row
     txt_rows: TokenRows  # rows gathered to text tokens
@@ -308,6 +331,9 @@ class MMDiT(nn.Module):
         for name, (in_dim, _) in cfg.modalities.items():
             self.add_module(input_name(name), nn.Linear(in_dim, dim, bias=False))
         self.txt_in = nn.Linear(cfg.context_dim, dim, bias=False) if cfg.context_dim else None
+        self.txt_embedder = (
+            TokenEmbedder(cfg.text_vocab, cfg.context_dim, cfg.text_max_length) if cfg.text_vocab else None
+        )
         self.time_in = MLPEmbedder(TIME_FREQ_DIM, dim)
         self.guidance_in = MLPEmbedder(TIME_FREQ_DIM, dim) if cfg.guidance_embed else None
         self.y_in = nn.Embedding(cfg.num_classes, dim) if cfg.num_classes else None
@@ -336,6 +362,9 @@ class MMDiT(nn.Module):
                 nn.init.normal_(embedder.out_layer.weight, std=0.02)
         if self.y_in is not None:
             nn.init.normal_(self.y_in.weight, std=0.02)
+        if self.txt_embedder is not None:
+            nn.init.normal_(self.txt_embedder.tokens.weight, std=0.02)
+            nn.init.normal_(self.txt_embedder.positions, std=0.02)
         for module in self.modules():  # the three shared modulation linears
             if isinstance(module, Modulation):
                 nn.init.zeros_(module.lin.weight)
@@ -344,7 +373,7 @@ class MMDiT(nn.Module):
             nn.init.zeros_(getattr(self.final_layer, output_name(name)).weight)
 
     # ----------------------------------------------------------------------------------------
-    def _check(self, x: Tensor, t: Tensor, ids, txt, txt_ids, y, modality: str, guidance) -> None:
+    def _check(self, x: Tensor, t: Tensor, ids, txt, txt_ids, txt_mask, y, modality: str, guidance) -> None:
         cfg = self.cfg
         if modality not in cfg.modalities:
             raise ValueError(f"modality {modality!r} is not configured; cfg.modalities has {sorted(cfg.modalities)}")
@@ -359,8 +388,15 @@ class MMDiT(nn.Module):
         if txt is not None:
             if self.txt_in is None:
                 raise ValueError("txt was given but cfg.context_dim is 0 (no text stream)")
-            if txt.ndim != 3 or txt.shape[0] != B or txt.shape[-1] != cfg.context_dim:
+            if not txt.is_floating_point():  # token ids for the learned embedder
+                if self.txt_embedder is None or txt.ndim != 2 or txt.shape[0] != B:
+                    raise ValueError(
+                        f"txt token ids need cfg.text_vocab > 0 and shape ({B}, L_txt), got {tuple(txt.shape)}"
+                    )
+            elif txt.ndim != 3 or txt.shape[0] != B or txt.shape[-1] != cfg.context_dim:
                 raise ValueError(f"txt must be ({B}, L_txt, {cfg.context_dim}), got {tuple(txt.shape)}")
+        if txt_mask is not None and (txt is None or txt_mask.shape != txt.shape[:2] or txt_mask.dtype != torch.bool):
+            raise ValueError(f"txt_mask must be a bool (B, L_txt) tensor matching txt, got {tuple(txt_mask.shape)}")
         if txt_ids is not None and (txt is None or txt_ids.shape != (*txt.shape[:2], 4)):
             want = "no txt_ids without txt" if txt is None else f"({B}, {txt.shape[1]}, 4)"
             raise ValueError(f"txt_ids must be {want}, got {tuple(txt_ids.shape)}")
@@ -391,9 +427,9 @@ class MMDiT(nn.Module):
             vec = vec + self.y_in(y)[rows.sample]
         return Conditioning(vec, txt_rows, img_rows, rows)
 
-    def _embed(self, x, t, ids, txt, txt_ids, y, modality, guidance):
-        """Input projections, joint RoPE table (text first) and per-row conditioning."""
-        self._check(x, t, ids, txt, txt_ids, y, modality, guidance)
+    def _embed(self, x, t, ids, txt, txt_ids, txt_mask, y, modality, guidance):
+        """Input projections, joint RoPE table and key mask (text first) and per-row conditioning."""
+        self._check(x, t, ids, txt, txt_ids, txt_mask, y, modality, guidance)
         img = getattr(self, input_name(modality))(x)  # (B, L, D)
         if txt is None:
             pos = ids
@@ -402,12 +438,17 @@ class MMDiT(nn.Module):
                 txt_ids = torch.zeros(*txt.shape[:2], 4, dtype=ids.dtype, device=ids.device)
                 txt_ids[..., 3] = torch.arange(txt.shape[1], device=ids.device)
             pos = torch.cat((txt_ids, ids), dim=1)
-            txt = self.txt_in(txt)  # (B, L_txt, D)
-        pe = rope_nd(pos, tuple(self.cfg.axes_dim), self.cfg.theta)
+            if not txt.is_floating_point():
+                txt = self.txt_embedder(txt)  # token ids -> (B, L_txt, context_dim)
+            txt = self.txt_in(txt.to(img.dtype))  # (B, L_txt, D)
+        mask = None
+        if txt_mask is not None:
+            mask = torch.cat((txt_mask, txt_mask.new_ones(ids.shape[:2])), dim=1)
+        positions = Positions(rope_nd(pos, tuple(self.cfg.axes_dim), self.cfg.theta), mask)
         cond = self._conditioning(t, 0 if txt is None else txt.shape[1], y, guidance)
-        return img, txt, pe, cond
+        return img, txt, positions, cond
 
-    def _blocks(self, img, txt, pe, cond: Conditioning, last: int, tap: int) -> tuple[Tensor, Tensor]:
+    def _blocks(self, img, txt, pos: Positions, cond: Conditioning, last: int, tap: int) -> tuple[Tensor, Tensor]:
         """Run blocks 1..`last` (global, 1-based); return the data-token hidden after `last` and after `tap`."""
         n_double, n_txt = self.cfg.depth_double, 0 if txt is None else txt.shape[1]
         tapped = None
@@ -417,14 +458,14 @@ class MMDiT(nn.Module):
             if txt is not None:
                 txt_mod = split_modulation(cond.txt_rows.modulation(self.double_stream_modulation_txt, cond.vec), 2)
             for i, block in enumerate(self.double_blocks[:last], start=1):
-                img, txt = block(img, txt, pe, img_mod, txt_mod)
+                img, txt = block(img, txt, pos, img_mod, txt_mod)
                 tapped = img if i == tap else tapped
         if last <= n_double:
             return img, tapped
         (mod,) = split_modulation(cond.rows.modulation(self.single_stream_modulation, cond.vec), 1)
         x = img if txt is None else torch.cat((txt, img), dim=1)  # (B, L_txt + L_img, D), text first
         for i, block in enumerate(self.single_blocks[: last - n_double], start=n_double + 1):
-            x = block(x, pe, mod)
+            x = block(x, pos, mod)
             tapped = x[:, n_txt:] if i == tap else tapped
         return x[:, n_txt:], tapped
 
@@ -445,20 +486,22 @@ class MMDiT(nn.Module):
         txt_ids: Tensor | None = None,
         y: Tensor | None = None,
         *,
+        txt_mask: Tensor | None = None,
         modality: str = "image",
         guidance: Tensor | None = None,
     ) -> Tensor:
         """Velocity `noise - x0` `(B, L, out_dim)` for data tokens x `(B, L, in_dim)` at t `(B,)` or `(B, L)`.
 
-        ids `(B, L, 4)` position ids (required); txt `(B, L_txt, context_dim)`; txt_ids default
-        `(0, 0, 0, i)`; y `(B,)` class ids (None: null class); guidance `(B,)` if cfg.guidance_embed.
+        ids `(B, L, 4)` position ids (required); txt `(B, L_txt, context_dim)` features or `(B, L_txt)`
+        token ids (with cfg.text_vocab); txt_ids default `(0, 0, 0, i)`; txt_mask `(B, L_txt)` bool,
+        False on padding; y `(B,)` class ids (None: null class); guidance `(B,)` if cfg.guidance_embed.
         """
-        img, txt, pe, cond = self._embed(x, t, ids, txt, txt_ids, y, modality, guidance)
-        h, _ = self._blocks(img, txt, pe, cond, last=self.cfg.depth, tap=0)
+        img, txt, pos, cond = self._embed(x, t, ids, txt, txt_ids, txt_mask, y, modality, guidance)
+        h, _ = self._blocks(img, txt, pos, cond, last=self.cfg.depth, tap=0)
         return self._head(h, cond, modality)
 
     def forward_with_features(
-        self, x, t, ids=None, txt=None, txt_ids=None, y=None, *, modality="image", guidance=None, layer: int
+        self, x, t, ids=None, txt=None, txt_ids=None, y=None, *, txt_mask=None, modality="image", guidance=None, layer
     ) -> MMDiTFeatures:
         """Velocity plus the projector output of the data-token hidden after block `layer` (1-based, doubles first).
 
@@ -467,17 +510,17 @@ class MMDiT(nn.Module):
         self._check_layer(layer)
         if self.projector is None:
             raise ValueError("forward_with_features needs a projector: cfg.projector_dim is 0")
-        img, txt, pe, cond = self._embed(x, t, ids, txt, txt_ids, y, modality, guidance)
-        h, tapped = self._blocks(img, txt, pe, cond, last=self.cfg.depth, tap=layer)
+        img, txt, pos, cond = self._embed(x, t, ids, txt, txt_ids, txt_mask, y, modality, guidance)
+        h, tapped = self._blocks(img, txt, pos, cond, last=self.cfg.depth, tap=layer)
         return MMDiTFeatures(self._head(h, cond, modality), self.projector(tapped))
 
     def hidden_states(
-        self, x, t, ids=None, txt=None, txt_ids=None, y=None, *, modality="image", guidance=None, layer: int
+        self, x, t, ids=None, txt=None, txt_ids=None, y=None, *, txt_mask=None, modality="image", guidance=None, layer
     ) -> Tensor:
         """Raw data-token hidden state `(B, L, D)` after block `layer`; later blocks and the head never run."""
         self._check_layer(layer)
-        img, txt, pe, cond = self._embed(x, t, ids, txt, txt_ids, y, modality, guidance)
-        return self._blocks(img, txt, pe, cond, last=layer, tap=layer)[0]
+        img, txt, pos, cond = self._embed(x, t, ids, txt, txt_ids, txt_mask, y, modality, guidance)
+        return self._blocks(img, txt, pos, cond, last=layer, tap=layer)[0]
 
     def other_modalities_zero(self, modality: str) -> Tensor:
         """A zero that depends on every other modality's input and output projection.
