@@ -3,18 +3,18 @@
 Item `i` of a modality is a fixed latent token grid: its class `i % num_classes` picks one of
 `num_classes` random prototypes, plus item noise, so a model can learn class-conditional
 structure in a few hundred CPU steps. Everything is a function of `(seed, modality, index)`;
-the batch of a step is a function of `(seed, step, rank)`, so resuming needs no data state.
+batch number `n` of a rank is a function of `(seed, n, rank)`, so a stream's position is all
+a resumed run needs.
 
     data = SyntheticLatents("image", SyntheticConfig(grid=[1, 4, 4], channels=16), seed=0)
-    batch = data.batch(step=10, rank=0, batch_size=8)   # tokens, ids, labels
+    batch = next(SyntheticStream(data, batch_size=8, rank=0))   # LatentBatch
 """
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
-import numpy as np
 import torch
-from torch import Tensor
+
+from selfflow.data.batch import LatentBatch, mix_seed
 
 
 @dataclass
@@ -32,18 +32,6 @@ class SyntheticConfig:
             raise ValueError("channels, num_items and num_classes must be >= 1")
 
 
-class Batch(NamedTuple):
-    x0: Tensor  # (B, L, C) clean latent tokens
-    ids: Tensor  # (B, L, 4) position ids (t, h, w, l)
-    labels: Tensor  # (B,) class ids
-    indices: Tensor  # (B,) item indices (the data position)
-
-
-def mix_seed(*parts: int) -> int:
-    """A well-mixed 32-bit seed from integers (torch's CPU generator keeps 32 bits of a seed)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
 class SyntheticLatents:
     def __init__(self, modality: str, cfg: SyntheticConfig, seed: int):
         self.cfg = cfg
@@ -57,10 +45,26 @@ class SyntheticLatents:
         self.ids = torch.stack([tt, hh, ww, torch.zeros_like(tt)], dim=-1).reshape(-1, 4)
         self.seed = seed
 
-    def batch(self, step: int, rank: int, batch_size: int) -> Batch:
-        """Items of `(step, rank)`: a per-step permutation split across ranks (no repeats within a step)."""
-        gen = torch.Generator().manual_seed(mix_seed(self.seed, step, 7919))
+    def batch(self, index: int, rank: int, batch_size: int) -> LatentBatch:
+        """Batch number `index` of `rank`: a per-index permutation split across ranks (no repeats within it)."""
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, index, 7919))
         order = torch.randperm(self.cfg.num_items, generator=gen)
         picks = torch.arange(rank * batch_size, (rank + 1) * batch_size) % self.cfg.num_items
         idx = order[picks]
-        return Batch(self.items[idx], self.ids.expand(len(idx), -1, -1), self.labels[idx], idx)
+        keys = [f"synthetic-{i}" for i in idx.tolist()]
+        return LatentBatch(self.items[idx], self.ids.expand(len(idx), -1, -1), None, None, self.labels[idx], keys)
+
+
+class SyntheticStream:
+    """`SyntheticLatents` as an endless stream with a position (the interface of `LatentStream`)."""
+
+    def __init__(self, data: SyntheticLatents, batch_size: int, rank: int, position: int = 0):
+        self.data, self.batch_size, self.rank, self.position = data, batch_size, rank, position
+
+    def __iter__(self) -> "SyntheticStream":
+        return self
+
+    def __next__(self) -> LatentBatch:
+        batch = self.data.batch(self.position, self.rank, self.batch_size)
+        self.position += 1
+        return batch

@@ -20,7 +20,9 @@ from tqdm import tqdm
 
 from selfflow.backbone.mmdit import MMDiT, MMDiTConfig, build_mmdit
 from selfflow.config import save_config
-from selfflow.data.synthetic import Batch, SyntheticConfig, SyntheticLatents, mix_seed
+from selfflow.data.batch import LatentBatch, mix_seed
+from selfflow.data.loader import LatentStream, LoaderConfig
+from selfflow.data.synthetic import SyntheticConfig, SyntheticLatents, SyntheticStream
 from selfflow.flow.paths import TimestepConfig
 from selfflow.modalities.grid import unpatchify
 from selfflow.training import checkpoints
@@ -54,7 +56,8 @@ class MixConfig:
     batch_size: int = 8  # per process
     mask_ratio: float = 0.25
     timesteps: TimestepConfig = field(default_factory=lambda: TimestepConfig("logit_normal"))
-    data: SyntheticConfig = field(default_factory=SyntheticConfig)
+    shards: str | None = None  # latent shards from `selfflow prepare`; None: the in-memory synthetic latents
+    data: SyntheticConfig = field(default_factory=SyntheticConfig)  # used when shards is None
 
     def __post_init__(self):
         if not 0 <= self.probability <= 1 or self.batch_size < 1 or not 0 <= self.mask_ratio <= 1:
@@ -69,10 +72,10 @@ def default_mix() -> dict[str, MixConfig]:
     192x320 (12x12x20 x 48 ch), SongBloom 10 s (250 x 64 ch).
     """
     return {
-        "image": MixConfig(0.57, 38, 0.25, TimestepConfig("logit_normal"), SyntheticConfig([1, 16, 16], 128)),
-        "video": MixConfig(0.30, 8, 0.10, TimestepConfig("logit_normal"), SyntheticConfig([12, 12, 20], 48)),
+        "image": MixConfig(0.57, 38, 0.25, TimestepConfig("logit_normal"), data=SyntheticConfig([1, 16, 16], 128)),
+        "video": MixConfig(0.30, 8, 0.10, TimestepConfig("logit_normal"), data=SyntheticConfig([12, 12, 20], 48)),
         "audio": MixConfig(
-            0.13, 16, 0.50, TimestepConfig("logit_normal", shift=0.75), SyntheticConfig([250, 1, 1], 64)
+            0.13, 16, 0.50, TimestepConfig("logit_normal", shift=0.75), data=SyntheticConfig([250, 1, 1], 64)
         ),
     }
 
@@ -120,7 +123,7 @@ class TrainConfig:
             raise ValueError(f"modalities' probabilities must sum to 1, got {total}")
         for name, mix in self.modalities.items():
             dims = self.model.modalities.get(name)
-            if dims != [mix.data.channels] * 2:
+            if mix.shards is None and dims != [mix.data.channels] * 2:
                 raise ValueError(
                     f"model.modalities.{name} must be [{mix.data.channels}, {mix.data.channels}], got {dims}"
                 )
@@ -145,6 +148,7 @@ class TrainState:
     step: int = 0  # optimizer steps done; also the data position (batches are a function of it)
     run_id: str | None = None  # MLflow run continued on resume
     skipped: int = 0  # non-finite steps skipped
+    data_position: dict[str, int] = field(default_factory=dict)  # batches each modality's stream delivered
 
 
 class NonFiniteLossError(RuntimeError):
@@ -191,7 +195,7 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path) -> None:
     state.run_id = tracker.run_id
     tracker.log_params(cfg)
     tracker.log_artifact(run_dir / "config.yaml")
-    data = {name: SyntheticLatents(name, mix.data, cfg.seed) for name, mix in cfg.modalities.items()}
+    data = build_streams(cfg, info.rank, state.data_position)
     repa = None
     if cfg.objective.method == "repa":
         repa = RepaEncoder(cfg.objective.repa_encoder, info.device, image_size=cfg.objective.repa_image_size or None)
@@ -234,8 +238,8 @@ def optimizer_step(
     per_modality = {}
     for micro in range(ga):
         modality = draw_modality(cfg, step * ga + micro)
-        mix = cfg.modalities[modality]
-        batch = data[modality].batch(step * ga + micro, info.rank, mix.batch_size)
+        batch = next(data[modality])
+        state.data_position[modality] = data[modality].position
         gen = torch.Generator().manual_seed(mix_seed(cfg.seed, step, micro, info.rank))
         terms = micro_step_loss(cfg, engine, ema, batch, modality, gen, info.device, repa)
         bad = _non_finite(terms)
@@ -264,43 +268,60 @@ def optimizer_step(
     return {**sums, **per_modality, "lr": engine.lr, "grad_norm": engine.grad_norm, "skipped": state.skipped}
 
 
-def micro_step_loss(cfg, engine: Engine, ema: EMATeacher, batch: Batch, modality: str, gen, device, repa) -> LossTerms:
+def build_streams(cfg: TrainConfig, rank: int, positions: dict[str, int]) -> dict:
+    """One endless batch stream per modality, fast-forwarded to the checkpoint's positions."""
+    streams = {}
+    for name, mix in cfg.modalities.items():
+        position = positions.get(name, 0)
+        if mix.shards:
+            streams[name] = LatentStream(LoaderConfig(mix.shards), mix.batch_size, cfg.seed, rank, position)
+        else:
+            streams[name] = SyntheticStream(SyntheticLatents(name, mix.data, cfg.seed), mix.batch_size, rank, position)
+    return streams
+
+
+def micro_step_loss(
+    cfg, engine: Engine, ema: EMATeacher, batch: LatentBatch, modality: str, gen, device, repa
+) -> LossTerms:
     """Condition dropout, dual-timestep noising, student and teacher passes for one micro-batch."""
     module: MMDiT = engine.module
     objective, target = cfg.objective, None
     if objective.method == "repa":  # REPA's encoder sees images; other modalities train plain flow matching
         if modality == "image":
-            target = repa(pixels(batch), tuple(int(g) for g in cfg.modalities[modality].data.grid[1:])).to(device)
+            grid = (int(batch.ids[0, :, 1].max()) + 1, int(batch.ids[0, :, 2].max()) + 1)
+            target = repa(pixels(batch), grid).to(device)
         else:
             objective = replace(objective, method="fm")
-    x0 = batch.x0.to(device)
-    ids = batch.ids.to(device)
-    y = None
+    x0, ids = batch.x0.to(device), batch.ids.to(device)
+    # Condition dropout for CFG: null class and no text; the teacher gets the same condition.
+    keep = drop_condition(len(x0), cfg.objective.cond_dropout, gen)
+    y = txt = txt_mask = None
     if cfg.model.num_classes:
-        keep = drop_condition(len(x0), cfg.objective.cond_dropout, gen)
-        y = torch.where(keep, batch.labels, cfg.model.num_classes - 1).to(device)  # the same for the teacher
+        y = torch.where(keep & (batch.labels >= 0), batch.labels, cfg.model.num_classes - 1).to(device)
+    if batch.text is not None and cfg.model.context_dim:
+        txt = batch.text.to(device)
+        txt_mask = (batch.text_mask & keep[:, None]).to(device)
     mix = cfg.modalities[modality]
     noised = noise_batch(x0, mix.timesteps, mix.mask_ratio, objective, gen)
+    cond = {"txt": txt, "txt_mask": txt_mask, "y": y, "modality": modality}
 
     def student(x, t, layer):
         x = x.to(engine.dtype)
         if layer is None:
-            return module(x, t, ids, y=y, modality=modality).float()
-        out = module.forward_with_features(x, t, ids, y=y, modality=modality, layer=layer)
+            return module(x, t, ids, **cond).float()
+        out = module.forward_with_features(x, t, ids, layer=layer, **cond)
         return out.velocity.float(), out.features.float()
 
     def teacher(x, t, layer):
-        autocast = torch.autocast(
-            device.type, torch.bfloat16, enabled=engine.dtype == torch.bfloat16 and device.type == "cuda"
-        )
-        with ema.gathered() as model, autocast:
-            return model.hidden_states(x, t, ids, y=y, modality=modality, layer=layer).float()
+        bf16 = engine.dtype == torch.bfloat16 and device.type == "cuda"
+        with ema.gathered() as model, torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            return model.hidden_states(x, t, ids, layer=layer, **cond).float()
 
     terms = training_loss(objective, x0, noised, student, teacher, target_features=target)
     return terms._replace(total=terms.total + module.other_modalities_zero(modality))
 
 
-def pixels(batch: Batch) -> torch.Tensor:
+def pixels(batch: LatentBatch) -> torch.Tensor:
     """Images `(B, 3, H, W)` from raw-pixel image tokens (`3 * p * p` channels per token)."""
     channels = batch.x0.shape[-1]
     patch = math.isqrt(channels // 3)

@@ -1,0 +1,170 @@
+"""Audio `(B, channels, samples)` in [-1, 1]: raw waveform or Oobleck VAE latents, tokens with ids `(frame, 0, 0, 0)`.
+
+DESIGN.md section 5.
+- `RawWaveform`: latent = samples (tiny CPU models); the adapter's token patch is the hop, so a
+  token holds `channels * hop` samples.
+- `OobleckVAE` (diffusers `AutoencoderOobleck`, configured as the SongBloom VAE: 48 kHz stereo,
+  hop 1920 -> 25 latent frames per second, 64 channels). SongBloom does not normalise its
+  latents, so per-channel statistics are computed on the training data with
+  `compute_latent_stats` (stored with the dataset as json) and applied as `(z - mean) / std`.
+
+    raw = OobleckVAE(path)  # no stats: unnormalised latents
+    stats = compute_latent_stats(raw.encode(clip) for clip in clips)
+    save_latent_stats(stats, "data/fma/latent_stats.json")
+    modality = AudioModality(OobleckVAE(path, stats="data/fma/latent_stats.json"))
+"""
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderOobleck
+from torch import Tensor, nn
+
+from selfflow.flow.paths import TimestepConfig
+from selfflow.modalities.base import Modality, ModalityDefaults, check_media, load_pretrained
+
+
+class AudioAutoencoder(nn.Module):
+    """Shared media check of the audio autoencoders: `(B, C, samples)` with samples a multiple of `hop`."""
+
+    modality = "audio"
+
+    def __init__(self, media_channels: int, latent_channels: int, hop: int, sample_rate: int):
+        super().__init__()
+        self.media_channels = media_channels
+        self.latent_channels = latent_channels
+        self.hop = hop  # samples per latent frame
+        self.sample_rate = sample_rate
+
+    def latent_shape(self, media_shape: Sequence[int]) -> tuple[int, ...]:
+        B, _, samples = check_media("audio", media_shape, "(B, C, samples)", self.media_channels)
+        if samples % self.hop or samples == 0:
+            raise ValueError(f"audio: length {samples} samples is not a multiple of the hop {self.hop}")
+        return (B, self.latent_channels, samples // self.hop)
+
+
+class RawWaveform(AudioAutoencoder):
+    """Identity autoencoder: the latent is the waveform itself (hop 1; the token patch groups samples)."""
+
+    def __init__(self, channels: int = 2, sample_rate: int = 48000):
+        super().__init__(channels, channels, 1, sample_rate)
+
+    def encode(self, media: Tensor) -> Tensor:
+        self.latent_shape(media.shape)
+        return media
+
+    def decode(self, latent: Tensor) -> Tensor:
+        return latent
+
+
+class OobleckVAE(AudioAutoencoder):
+    """Stable-audio Oobleck VAE: posterior mean, then `(z - mean) / std` with data statistics (None: unnormalised)."""
+
+    def __init__(self, path: str | Path, stats: dict | str | Path | None = None):
+        vae = load_pretrained(AutoencoderOobleck, path, "audio")
+        cfg = vae.config
+        hop = int(math.prod(cfg.downsampling_ratios))
+        super().__init__(cfg.audio_channels, cfg.decoder_input_channels, hop, cfg.sampling_rate)
+        self.vae = vae
+        C = self.latent_channels
+        stats = load_latent_stats(stats, C) if stats is not None else {"mean": [0.0] * C, "std": [1.0] * C}
+        self.register_buffer("mean", torch.tensor(stats["mean"], dtype=torch.float32).view(1, C, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(stats["std"], dtype=torch.float32).view(1, C, 1), persistent=False)
+
+    @torch.no_grad()
+    def encode(self, media: Tensor) -> Tensor:
+        self.latent_shape(media.shape)
+        z = self.vae.encode(media.to(self.vae.dtype)).latent_dist.mean.float()
+        return (z - self.mean) / self.std
+
+    @torch.no_grad()
+    def decode(self, latent: Tensor) -> Tensor:
+        z = latent.float() * self.std + self.mean
+        return self.vae.decode(z.to(self.vae.dtype)).sample.float().clamp(-1, 1)
+
+
+def compute_latent_stats(latents: Iterable[Tensor]) -> dict[str, list[float]]:
+    """Per-channel mean and (population) std over every `(B, C, T)` chunk, merged in float64.
+
+    Chan et al.'s pairwise update: for running `(n_a, mean_a, M2_a)` and a chunk `(n_b, mean_b, M2_b)`,
+    `mean = mean_a + d * n_b / n`, `M2 = M2_a + M2_b + d^2 n_a n_b / n` with `d = mean_b - mean_a`.
+    """
+    n, mean, m2 = 0, None, None
+    for chunk in latents:
+        if chunk.ndim != 3:
+            raise ValueError(f"audio: latent chunks must be (B, C, T), got shape {tuple(chunk.shape)}")
+        x = chunk.detach().to("cpu", torch.float64).transpose(0, 1).reshape(chunk.shape[1], -1)  # (C, B*T)
+        n_b = x.shape[1]
+        if n_b == 0:
+            continue
+        mean_b = x.mean(dim=1)
+        m2_b = ((x - mean_b[:, None]) ** 2).sum(dim=1)
+        if mean is None:
+            n, mean, m2 = n_b, mean_b, m2_b
+            continue
+        if mean_b.shape != mean.shape:
+            raise ValueError(f"audio: latent chunk has {mean_b.numel()} channels, earlier chunks {mean.numel()}")
+        delta = mean_b - mean
+        total = n + n_b
+        mean = mean + delta * (n_b / total)
+        m2 = m2 + m2_b + delta**2 * (n * n_b / total)
+        n = total
+    if mean is None:
+        raise ValueError("audio: no latents to compute statistics from")
+    return {"mean": mean.tolist(), "std": (m2 / n).sqrt().tolist()}
+
+
+def save_latent_stats(stats: dict[str, list[float]], path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"mean": list(stats["mean"]), "std": list(stats["std"])}, indent=1))
+
+
+def load_latent_stats(stats: dict | str | Path, channels: int) -> dict[str, list[float]]:
+    """Stats from a dict or a json file; a `ValueError` unless both lists have `channels` entries and std > 0."""
+    if not isinstance(stats, dict):
+        if not Path(stats).is_file():
+            raise ValueError(f"audio: latent statistics file {str(stats)!r} does not exist")
+        stats = json.loads(Path(stats).read_text())
+    mean, std = stats.get("mean"), stats.get("std")
+    if mean is None or std is None or len(mean) != channels or len(std) != channels:
+        raise ValueError(f"audio: latent statistics need 'mean' and 'std' lists of {channels} values")
+    if min(std) <= 0:
+        raise ValueError("audio: latent statistics have a std <= 0")
+    return {"mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+
+
+def audio_defaults() -> ModalityDefaults:
+    """Mask ratio 0.50 (paper); train shift 0.75 (the public audio samples' names)."""
+    return ModalityDefaults(mask_ratio=0.50, timesteps=TimestepConfig("logit_normal", shift=0.75))
+
+
+class AudioModality(Modality):
+    """Latent `(B, C, T')` -> tokens of `C * pt` channels, ids `(frame, 0, 0, 0)`."""
+
+    name = "audio"
+    latent_ndim = 3
+
+    def __init__(self, autoencoder: AudioAutoencoder, patch: Sequence[int] = (1,)):
+        if len(patch) != 1:
+            raise ValueError(f"audio: patch must be (pt,), got {tuple(patch)}")
+        super().__init__(autoencoder, patch, audio_defaults())
+        self.sample_rate = autoencoder.sample_rate
+
+    @property
+    def hop(self) -> int:
+        """Samples per token."""
+        return self.autoencoder.hop * self.patch[0]
+
+    @property
+    def grid_patch(self) -> tuple[int, int, int]:
+        return (self.patch[0], 1, 1)
+
+    def grid(self, latent_shape: Sequence[int]) -> tuple[int, int, int]:
+        return (int(latent_shape[2]), 1, 1)
+
+    def patch_error(self, grid: tuple[int, int, int]) -> str:
+        samples = grid[0] * self.autoencoder.hop
+        return f"audio: length {samples} samples is not a multiple of the hop {self.hop} (token patch {self.patch[0]})"
