@@ -2,7 +2,15 @@
 
 Runs `selfflow train` twice (same config, `objective.method` = selfflow / fm) one after the
 other and prints the median optimizer-step time of each (first 20 steps dropped as warm-up),
-their ratio, and the first / last 10-step mean of each loss term.
+their ratio, and the first / last 10-step mean of each loss term. With `--peak-tflops` it also
+prints tokens/s and the model FLOPs utilisation of the student's forward + backward:
+
+    FLOPs per step = 3 * tokens * (2 * P_matmul + 4 * depth * L * D)
+
+with `P_matmul` the trunk's matrix parameters touched per data token (blocks, projections,
+head; embedders and shared modulation run once per (sample, t) and are left out), `L` the
+joint sequence length and `D` the width (attention: `QK^T` and `AV`, 2 FLOPs per MAC), and
+`3x` for forward + backward. The full step (teacher, EMA, optimizer) is in the denominator.
 
     python benchmarks/selfflow_vs_fm.py --config configs/train/tiny.yaml --steps 300 [key=value ...]
 """
@@ -32,6 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/train/tiny.yaml")
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="accelerator peak (H100 SXM bf16 dense: 989)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -46,6 +55,35 @@ def main() -> None:
             f"rep {mean(first, 'rep'):.4f} -> {mean(last, 'rep'):.4f}"
         )
     print(f"step time ratio selfflow / fm: {times['selfflow'] / times['fm']:.3f}")
+    if args.peak_tflops:
+        flops, tokens = student_flops(args.config, args.overrides)
+        for method, seconds in times.items():
+            mfu = flops / seconds / (args.peak_tflops * 1e12)
+            print(f"{method:8s} {tokens / seconds:,.0f} tokens/s, student fwd+bwd MFU {100 * mfu:.1f}%")
+
+
+def student_flops(config: str, overrides: list[str]) -> tuple[float, int]:
+    """Student forward + backward FLOPs and data tokens of one step, for a single-modality run."""
+    from selfflow.backbone.mmdit import MMDiT
+    from selfflow.config import load_config
+    from selfflow.training.train import TrainConfig
+
+    cfg = load_config(TrainConfig, config, overrides)
+    (name, mix), *rest = cfg.modalities.items()
+    if rest:
+        raise SystemExit("--peak-tflops needs a single-modality run (drop the others with modalities.NAME=null)")
+    import torch
+
+    with torch.device("meta"):
+        model = MMDiT(cfg.model)
+    skip = ("time_in", "guidance_in", "y_in", "txt_embedder", "double_stream_modulation", "single_stream_modulation")
+    per_token = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and not n.startswith(skip))
+    length = 1
+    for g in mix.data.grid:
+        length *= g
+    tokens = mix.batch_size * length
+    attention = 4 * cfg.model.depth * length * cfg.model.hidden_size
+    return 3 * tokens * (2 * per_token + attention), tokens
 
 
 if __name__ == "__main__":

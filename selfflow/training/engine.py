@@ -56,7 +56,7 @@ class DeepSpeedConfig:
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
 
 
-def ds_config_dict(cfg: DeepSpeedConfig, micro_batch: int, on_cpu: bool) -> dict:
+def ds_config_dict(cfg: DeepSpeedConfig, micro_batch: int) -> dict:
     """The DeepSpeed JSON config for `cfg` (AdamW, linear warm-up, ZeRO stage, bf16, clipping)."""
     config = {
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -67,8 +67,9 @@ def ds_config_dict(cfg: DeepSpeedConfig, micro_batch: int, on_cpu: bool) -> dict
         "optimizer": {
             "type": "AdamW",
             "params": {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps, "weight_decay": cfg.weight_decay},
-            # torch's AdamW on CPU: DeepSpeed's CPU Adam would need a C++ build at start-up.
-            **({"torch_adam": True} if on_cpu else {}),
+            # torch's multi-tensor AdamW: DeepSpeed's fused (GPU) and CPU Adam ops need a C++/CUDA
+            # build at start-up, which a fresh node would pay on every job.
+            "torch_adam": True,
         },
         "scheduler": {
             "type": "WarmupLR",
@@ -176,7 +177,7 @@ class Engine:
 
     @classmethod
     def create(cls, model: nn.Module, cfg: DeepSpeedConfig, micro_batch: int, device: torch.device) -> "Engine":
-        ds_cfg = ds_config_dict(cfg, micro_batch, on_cpu=device.type == "cpu")
+        ds_cfg = ds_config_dict(cfg, micro_batch)
         model = model.to(device)
         ds_engine, *_ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.weight_decay), config=ds_cfg
@@ -262,7 +263,7 @@ class EMATeacher:
         device = next(engine.module.parameters()).device
         teacher = model_copy.float().to(device)
         if engine.zero3:
-            ds_cfg = ds_config_dict(engine.cfg, 1, on_cpu=device.type == "cpu")
+            ds_cfg = ds_config_dict(engine.cfg, 1)
             deepspeed.zero.Init(module=teacher, config_dict_or_path=ds_cfg, dtype=torch.float32)
         return cls(engine, teacher)
 

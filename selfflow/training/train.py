@@ -103,7 +103,8 @@ def ema_decay(cfg: EMAConfig, step: int) -> float:
 @dataclass
 class TrainConfig:
     model: MMDiTConfig = field(default_factory=default_model)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    # Paper's layers for the 21-block MMDiT are unknown: SiT-XL's relative depths (8/28, 20/28) -> 6, 15.
+    objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(student_layer=6, teacher_layer=15))
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
