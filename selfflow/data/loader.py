@@ -1,0 +1,140 @@
+"""Training loader: endless, shuffled webdataset streams of latent tokens, one per modality.
+
+Reads the latent shards that `selfflow prepare` writes (`latent.pth` = tokens, ids and latent
+shape; `text.pth` = text token ids or embeddings with a mask; `json` = metadata with a class
+label). Each rank and worker draws its own shard sequence (resampling with a seed derived from
+`(seed, rank, worker)`, so streams never run dry and ranks see different data), shuffles
+samples in a buffer, and batches samples of one token shape together (bucketing by
+resolution / frame count / duration). A corrupt sample or shard is skipped, counted and
+reported with its key; the run goes on.
+
+The position of a stream is the number of batches it has delivered; a resumed run rebuilds
+the stream with the same seed and skips that many batches, so it sees the same data.
+
+    stream = LatentStream(LoaderConfig("data/synth/latents/image"), batch_size=8, seed=0, rank=0)
+    batch = next(stream)      # LatentBatch(x0, ids, text, text_mask, labels, keys)
+"""
+
+import glob
+import io
+import json
+import random
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import webdataset as wds
+
+from selfflow.data.batch import LatentBatch, mix_seed
+
+
+@dataclass
+class LoaderConfig:
+    shards: str  # folder of latent shards (*.tar) or a glob
+    shuffle_buffer: int = 256
+    workers: int = 0  # DataLoader worker processes (0: read in the training process)
+
+    def __post_init__(self):
+        if self.shuffle_buffer < 1 or self.workers < 0:
+            raise ValueError("shuffle_buffer must be >= 1 and workers >= 0")
+
+
+class SkipCounter:
+    """Counts and reports skipped samples/shards (per process)."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def __call__(self, exn: Exception) -> bool:  # webdataset handler: log and continue
+        self.counts[type(exn).__name__] += 1
+        warnings.warn(f"skipped corrupt data: {type(exn).__name__}: {exn}", stacklevel=2)
+        return True
+
+
+def shard_list(pattern: str) -> list[str]:
+    path = Path(pattern)
+    urls = sorted(glob.glob(str(path / "*.tar"))) if path.is_dir() else sorted(glob.glob(pattern))
+    if not urls:
+        raise FileNotFoundError(f"no latent shards (*.tar) found at {pattern}")
+    return urls
+
+
+def _decode(sample: dict) -> dict:
+    """Raw tar members -> tensors; a sample with missing or undecodable members raises (and is skipped)."""
+    key = sample.get("__key__", "?")
+    if "latent.pth" not in sample:
+        raise ValueError(f"sample {key} has no latent.pth")
+    try:
+        latent = torch.load(io.BytesIO(sample["latent.pth"]), map_location="cpu", weights_only=True)
+        text = torch.load(io.BytesIO(sample["text.pth"]), weights_only=True) if "text.pth" in sample else None
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+    except Exception as err:
+        raise ValueError(f"sample {key} cannot be decoded: {err}") from err
+    return {"key": key, "latent": latent, "text": text, "label": int(meta.get("label", -1))}
+
+
+class _Batcher:
+    """Groups samples by token shape and emits full batches of one shape."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+
+    def __call__(self, samples: Iterator[dict]) -> Iterator[LatentBatch]:
+        buckets: dict[tuple, list[dict]] = defaultdict(list)
+        for sample in samples:
+            tokens = sample["latent"]["tokens"]
+            text = sample["text"]
+            shape = (tuple(tokens.shape), None if text is None else tuple(text["ids"].shape))
+            bucket = buckets[shape]
+            bucket.append(sample)
+            if len(bucket) == self.batch_size:
+                yield collate(bucket)
+                buckets[shape] = []
+
+
+def collate(samples: list[dict]) -> LatentBatch:
+    x0 = torch.stack([s["latent"]["tokens"] for s in samples]).float()
+    ids = torch.stack([s["latent"]["ids"] for s in samples]).long()
+    text = text_mask = None
+    if samples[0]["text"] is not None:
+        values = [s["text"]["ids"] for s in samples]
+        text = torch.stack(values) if not values[0].is_floating_point() else torch.stack(values).float()
+        text_mask = torch.stack([s["text"]["mask"] for s in samples]).bool()
+    labels = torch.tensor([s["label"] for s in samples])
+    return LatentBatch(x0, ids, text, text_mask, labels, [s["key"] for s in samples])
+
+
+class LatentStream:
+    """An endless iterator of `LatentBatch`es for one modality on one rank."""
+
+    def __init__(self, cfg: LoaderConfig, batch_size: int, seed: int, rank: int = 0, position: int = 0):
+        self.cfg, self.batch_size = cfg, batch_size
+        self.urls = shard_list(cfg.shards)
+        self.skipped = SkipCounter()
+        self.seed = mix_seed(seed, rank, len(self.urls))
+        pipeline = wds.DataPipeline(
+            wds.ResampledShards(self.urls, seed=self.seed, deterministic=True),
+            wds.tarfile_to_samples(handler=self.skipped),
+            wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=random.Random(self.seed)),
+            wds.map(_decode, handler=self.skipped),
+            _Batcher(batch_size),
+        )
+        if cfg.workers:
+            loader = wds.WebLoader(pipeline, batch_size=None, num_workers=cfg.workers)
+            self._iter = iter(loader)
+        else:
+            self._iter = iter(pipeline)
+        self.position = 0
+        for _ in range(position):  # resume: the same stream, fast-forwarded
+            next(self)
+
+    def __iter__(self) -> "LatentStream":
+        return self
+
+    def __next__(self) -> LatentBatch:
+        batch = next(self._iter)
+        self.position += 1
+        return batch
