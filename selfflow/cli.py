@@ -1,5 +1,7 @@
 """The `selfflow` command line: one sub-command per job.
 
+    selfflow synth --config configs/data/synth.yaml num_images=256
+    selfflow prepare --config configs/data/prepare_tiny.yaml workers=4
     selfflow sample --config configs/sample/tiny.yaml sampler.num_steps=20 out_dir=outputs/demo
     selfflow sample --help        # options and every config key with its default
 
@@ -21,50 +23,75 @@ def _keys_epilog(cls: type) -> str:
     return "\n".join(lines)
 
 
-def _add_job(sub, name: str, help_text: str, description: str, cls: type) -> argparse.ArgumentParser:
-    parser = sub.add_parser(
-        name,
-        help=help_text,
-        description=description,
-        epilog=_keys_epilog(cls),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config", help="YAML preset (see configs/); defaults are used for keys it leaves out")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. sampler.num_steps=50")
-    return parser
+def _job_config(job: str) -> type:
+    """The config class a job reads; each job's modules are imported only when that job runs."""
+    if job == "synth":
+        from selfflow.data.synth import SynthConfig
+
+        return SynthConfig
+    if job == "prepare":
+        from selfflow.data.prepare import PrepareConfig
+
+        return PrepareConfig
+    if job == "sample":
+        from selfflow.eval.sample import SampleConfig
+
+        return SampleConfig
+    from selfflow.training.train import TrainConfig
+
+    return TrainConfig
 
 
-def main(argv: list[str] | None = None) -> int:
-    from selfflow.eval.sample import SampleConfig, run_sample
-    from selfflow.training import checkpoints
-    from selfflow.training.train import NonFiniteLossError, TrainConfig, train
-
-    parser = argparse.ArgumentParser(prog="selfflow", description="Self-Flow: self-supervised flow matching.")
-    sub = parser.add_subparsers(dest="job", required=True)
-    _add_job(
-        sub,
-        "sample",
+DESCRIPTIONS = {
+    "synth": (
+        "generate the built-in captioned image / video / audio dataset as raw webdataset shards",
+        "Generate captioned coloured shapes (PNG), moving shapes (mp4) and synthesised notes (FLAC/WAV)\n"
+        "from a seed as raw webdataset shards out_dir/{image,video,audio}/shard-*.tar plus manifest.json.\n"
+        "Nothing is downloaded; the same config gives the same items.",
+    ),
+    "prepare": (
+        "encode raw webdataset shards into the latent shards that training reads",
+        "Train a sentencepiece model on all captions, then encode raw_dir/<modality>/*.tar with each\n"
+        "modality's autoencoder in worker processes into out_dir/<modality>/latent-*.tar (latent tokens,\n"
+        "ids, text ids). Corrupt samples and shards are skipped and counted with their keys in\n"
+        "out_dir/summary.json; out_dir/manifest.json describes the token shapes and shards.",
+    ),
+    "sample": (
         "draw class-conditional samples from a SiT checkpoint (PNGs + ADM .npz)",
         "Draw N class-conditional samples from a local SiT checkpoint (or a random model when none is\n"
         "given), decode them with a local SD-VAE folder, and write PNGs, an ADM-evaluator .npz\n"
         "(arr_0, uint8 NHWC) and the resolved config to out_dir. Sample i is seeded by (seed, i),\n"
         "so results do not depend on batch size or process count; run under torchrun for multi-GPU.",
-        SampleConfig,
-    )
-    train_parser = _add_job(
-        sub,
-        "train",
+    ),
+    "train": (
         "train the MMDiT trunk with Self-Flow / flow matching / REPA through DeepSpeed",
         "Train the shared MMDiT trunk: each step draws one modality, noises it with dual timesteps\n"
         "and trains student + EMA teacher (objective.method selects Self-Flow, vanilla flow matching\n"
         "or REPA). Checkpoints go to run_dir/checkpoints; an existing run folder is resumed. Launch\n"
         "one process directly, or many with torchrun / the deepspeed launcher / srun.",
-        TrainConfig,
-    )
-    train_parser.add_argument(
-        "--resume", action="store_true", help="require a checkpoint in run_dir to continue from (error if none)"
-    )
-    train_parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
+    ),
+}
+
+
+def build_parser(selected: str | None) -> argparse.ArgumentParser:
+    """All verbs; the config-key listing is built only for the verb being run (its `--help`)."""
+    parser = argparse.ArgumentParser(prog="selfflow", description="Self-Flow: self-supervised flow matching.")
+    sub = parser.add_subparsers(dest="job", required=True)
+    for job, (help_text, description) in DESCRIPTIONS.items():
+        job_parser = sub.add_parser(
+            job,
+            help=help_text,
+            description=description,
+            epilog=_keys_epilog(_job_config(job)) if job == selected else None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        job_parser.add_argument("--config", help="YAML preset (see configs/); defaults fill the keys it leaves out")
+        job_parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. seed=1")
+        if job == "train":
+            job_parser.add_argument(
+                "--resume", action="store_true", help="require a checkpoint in run_dir to continue from (error if none)"
+            )
+            job_parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed
     exp = sub.add_parser(
         "export",
         help="write a run's EMA (and student) weights as one safetensors file plus the model config",
@@ -76,23 +103,46 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--checkpoint", help="a specific checkpoint folder instead of the latest")
     exp.add_argument("--out", required=True, help="output .safetensors path")
     exp.add_argument("--student", action="store_true", help="also write OUT.student.safetensors (online weights)")
-    args = parser.parse_args(argv)
-    try:
-        if args.job == "sample":
-            cfg = load_config(SampleConfig, args.config, args.overrides)
-            run_sample(cfg)
-        elif args.job == "train":
-            cfg = load_config(TrainConfig, args.config, args.overrides)
-            if args.resume and not checkpoints.candidates(cfg.run_dir):
-                raise FileNotFoundError(
-                    f"--resume: no complete checkpoint in {checkpoints.checkpoint_root(cfg.run_dir)}"
-                )
-            train(cfg)
-        elif args.job == "export":
-            from selfflow.training.export import export
+    return parser
 
-            print(f"wrote {export(args.run, args.out, args.checkpoint, args.student)}")
-    except (ConfigError, FileNotFoundError, ValueError, NonFiniteLossError) as err:
+
+def run_job(args: argparse.Namespace) -> None:
+    if args.job == "export":
+        from selfflow.training.export import export
+
+        print(f"wrote {export(args.run, args.out, args.checkpoint, args.student)}")
+        return
+    cfg = load_config(_job_config(args.job), args.config, args.overrides)
+    if args.job == "synth":
+        from selfflow.data.synth import synth
+
+        manifest = synth(cfg)
+        counts = ", ".join(f"{m['count']} {name}" for name, m in manifest["modalities"].items())
+        print(f"wrote {counts} items ({manifest['bytes'] / 1e6:.1f} MB) to {cfg.out_dir}")
+    elif args.job == "prepare":
+        from selfflow.data.prepare import prepare
+
+        prepare(cfg)
+    elif args.job == "sample":
+        from selfflow.eval.sample import run_sample
+
+        run_sample(cfg)
+    else:
+        from selfflow.training import checkpoints
+        from selfflow.training.train import train
+
+        if args.resume and not checkpoints.candidates(cfg.run_dir):
+            raise FileNotFoundError(f"--resume: no complete checkpoint in {checkpoints.checkpoint_root(cfg.run_dir)}")
+        train(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
+    try:
+        run_job(args)
+    except (ConfigError, FileNotFoundError, ValueError, ArithmeticError) as err:
+        # ArithmeticError: a non-finite training loss (NonFiniteLossError names step, modality and term)
         print(f"selfflow {args.job}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -17,7 +17,6 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-import soundfile as sf
 
 NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 MAJOR_SCALE = (0, 2, 4, 5, 7, 9, 11)  # semitones above the tonic
@@ -167,6 +166,8 @@ def render_audio(clip: AudioClip, sample_rate: int, channels: int) -> np.ndarray
 
 def encode_audio(pcm: np.ndarray, sample_rate: int, fmt: str) -> bytes:
     """16-bit FLAC or WAV bytes of (samples, channels) int16."""
+    import soundfile  # imported here: only writing audio needs it (and its native library)
+
     buf = io.BytesIO()
-    sf.write(buf, pcm, sample_rate, format=fmt.upper(), subtype="PCM_16")
+    soundfile.write(buf, pcm, sample_rate, format=fmt.upper(), subtype="PCM_16")
     return buf.getvalue()

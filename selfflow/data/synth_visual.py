@@ -16,7 +16,6 @@ Videos hold one object moving in a straight line; its per-frame centres are part
 import io
 from dataclasses import dataclass
 
-import av
 import numpy as np
 from PIL import Image
 
@@ -269,6 +268,8 @@ def encode_png(pixels: np.ndarray) -> bytes:
 
 def pick_video_codec() -> str:
     """libx264 when this PyAV build can encode it, else mpeg4 (in every FFmpeg build)."""
+    import av  # imported here: only writing video needs FFmpeg
+
     try:
         av.codec.Codec("libx264", "w")
         return "libx264"
@@ -280,6 +281,8 @@ def encode_mp4(frames: np.ndarray, fps: int, codec: str) -> bytes:
     """Encode (T, H, W, 3) uint8 frames (H, W even) as yuv420p mp4 at high quality (x264 CRF 15)."""
     if frames.shape[1] % 2 or frames.shape[2] % 2:
         raise ValueError(f"yuv420p needs even height and width, got {frames.shape[1]}x{frames.shape[2]}")
+    import av
+
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
         stream = container.add_stream(codec, rate=fps)

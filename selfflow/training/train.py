@@ -152,7 +152,7 @@ class TrainState:
     data_position: dict[str, int] = field(default_factory=dict)  # batches each modality's stream delivered
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or inf (the message names the step, the modality and the term)."""
 
 
