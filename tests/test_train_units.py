@@ -29,8 +29,14 @@ def test_ds_config_dict_carries_every_setting():
     assert d["bf16"] == {"enabled": True} and d["data_types"] == {"grad_accum_dtype": "fp32"}
     assert d["gradient_clipping"] == 0.5 and d["gradient_accumulation_steps"] == 4
     assert d["train_micro_batch_size_per_gpu"] == 38
-    assert d["optimizer"]["type"] == "AdamW" and d["optimizer"]["torch_adam"] is True
-    assert d["optimizer"]["params"] == {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}
+    assert d["optimizer"]["type"] == "AdamW"
+    assert d["optimizer"]["params"] == {
+        "lr": 3e-4,
+        "betas": [0.9, 0.95],
+        "eps": 1e-8,
+        "weight_decay": 0.1,
+        "torch_adam": True,
+    }
     assert d["scheduler"]["params"]["warmup_num_steps"] == 500 and d["scheduler"]["params"]["warmup_max_lr"] == 3e-4
     assert "data_types" not in ds_config_dict(DeepSpeedConfig(bf16=False), micro_batch=2)
 

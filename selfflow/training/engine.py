@@ -66,10 +66,15 @@ def ds_config_dict(cfg: DeepSpeedConfig, micro_batch: int) -> dict:
         "bf16": {"enabled": cfg.bf16},
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps, "weight_decay": cfg.weight_decay},
-            # torch's multi-tensor AdamW: DeepSpeed's fused (GPU) and CPU Adam ops need a C++/CUDA
-            # build at start-up, which a fresh node would pay on every job.
-            "torch_adam": True,
+            "params": {
+                "lr": cfg.lr,
+                "betas": cfg.betas,
+                "eps": cfg.eps,
+                "weight_decay": cfg.weight_decay,
+                # torch's multi-tensor AdamW: DeepSpeed's fused (GPU) and CPU Adam ops need a
+                # C++/CUDA build at start-up, which a fresh node would pay on every job.
+                "torch_adam": True,
+            },
         },
         "scheduler": {
             "type": "WarmupLR",
