@@ -15,7 +15,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/selfflow train --config configs/train/tiny.yaml run_dir=runs/demo
+	$(BIN)/selfflow synth --config configs/data/synth.yaml
+	$(BIN)/selfflow prepare --config configs/data/prepare_tiny.yaml
+	$(BIN)/selfflow train --config configs/train/tiny_synth.yaml run_dir=runs/demo
 	$(BIN)/selfflow export --run runs/demo --out runs/demo/export/ema.safetensors
 
 lint: $(STAMP)

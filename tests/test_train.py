@@ -1,7 +1,6 @@
 """Training through real DeepSpeed on CPU (gloo): ZeRO-2/3 on 1 and 2 processes, EMA, exact resume,
 non-finite losses, corrupt checkpoints, export, and MLflow against a real server."""
 
-import json
 import re
 import shutil
 import subprocess
@@ -11,42 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow_server import free_port, mlflow_server_fixture  # noqa: F401
+from train_runs import REPO, TRACE_KEYS, launch, metrics, trace
 
 from selfflow.flow.samplers import SamplerConfig, sample
 from selfflow.training import checkpoints
 from selfflow.training.export import export, load_export
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "train" / "tiny.yaml"
-
-
-def launch(nproc: int, run_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    """`selfflow train` on the tiny preset, as a user runs it (torchrun for several processes)."""
-    cli = ["-m", "selfflow.cli", "train", "--config", str(TINY), f"run_dir={run_dir}", *overrides]
-    if nproc > 1:
-        dist = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port())]
-        cmd = [sys.executable, *dist, *cli]
-    else:
-        cmd = [sys.executable, *cli]
-    env = {**__import__("os").environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-TRACE_KEYS = ("loss", "fm", "rep", "grad_norm", "lr")
-
-
-def trace(rows: list[dict]) -> list[tuple]:
-    return [
-        (r["step"], *(r[k] for k in TRACE_KEYS), *sorted((k, v) for k, v in r.items() if k.startswith("loss/")))
-        for r in rows
-    ]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,41 @@
+"""Helpers for tests that run `selfflow train` as users do (a subprocess, torchrun for several ranks)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mlflow_server import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "train" / "tiny.yaml"
+TRACE_KEYS = ("loss", "fm", "rep", "grad_norm", "lr")
+
+
+def launch(
+    nproc: int, run_dir: Path, *overrides: str, check: bool = True, config: Path = TINY
+) -> subprocess.CompletedProcess:
+    """`selfflow train` on a preset (the tiny one by default), with torchrun for several processes."""
+    cli = ["-m", "selfflow.cli", "train", "--config", str(config), f"run_dir={run_dir}", *overrides]
+    if nproc > 1:
+        dist = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port())]
+        cmd = [sys.executable, *dist, *cli]
+    else:
+        cmd = [sys.executable, *cli]
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def trace(rows: list[dict]) -> list[tuple]:
+    return [
+        (r["step"], *(r[k] for k in TRACE_KEYS), *sorted((k, v) for k, v in r.items() if k.startswith("loss/")))
+        for r in rows
+    ]
