@@ -12,7 +12,7 @@ EMA teacher (fp32, DESIGN.md section 2):
   views of those buffers, so gathering it for the forward reads the EMA (gathered copies are
   read-only: writes through them would be discarded).
 
-    engine = Engine.create(model, ds_cfg, micro_batch=38)
+    engine = Engine.create(model, ds_cfg, micro_batch=38, device=info.device)
     ema = EMATeacher.create(engine, model_copy)
     loss = ...; engine.backward(loss); engine.step(); ema.update(decay)
 """
