@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -117,3 +118,10 @@ class TokenRows(NamedTuple):
     def to_tokens(self, rows: Tensor) -> Tensor:
         """Per-row values `(R, X)` -> `(B, 1, X)` (one row per sample) or `(B, L, X)` per token."""
         return rows[:, None] if self.inverse is None else rows[self.inverse]
+
+
+def run_block(block: nn.Module, *args, checkpoint: bool = False):
+    """`block(*args)`; with `checkpoint` (and gradients on) its activations are recomputed in backward."""
+    if checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+    return block(*args)

@@ -28,7 +28,15 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from selfflow.backbone.layers import TokenRows, attention, modulate, rms_norm, rope_nd, timestep_embedding
+from selfflow.backbone.layers import (
+    TokenRows,
+    attention,
+    modulate,
+    rms_norm,
+    rope_nd,
+    run_block,
+    timestep_embedding,
+)
 
 # Modality name -> parameter-name prefix. `image` keeps FLUX.2's names (`img_in`, `final_layer.linear`).
 PREFIX = {"image": "img", "video": "vid", "audio": "aud", "action": "act"}
@@ -54,6 +62,7 @@ class MMDiTConfig:
     text_timestep: str = "mean"  # per-sample timestep of text tokens from data tokens: mean | min | max
     text_vocab: int = 0  # > 0: a learned token embedder (`txt_embedder`) turns text token ids into txt features
     text_max_length: int = 0  # learned text positions of the token embedder
+    grad_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
     modalities: dict[str, list[int]] = field(default_factory=lambda: {"image": [128, 128]})  # name -> [in, out]
 
     def __post_init__(self):
@@ -458,14 +467,14 @@ class MMDiT(nn.Module):
             if txt is not None:
                 txt_mod = split_modulation(cond.txt_rows.modulation(self.double_stream_modulation_txt, cond.vec), 2)
             for i, block in enumerate(self.double_blocks[:last], start=1):
-                img, txt = block(img, txt, pos, img_mod, txt_mod)
+                img, txt = run_block(block, img, txt, pos, img_mod, txt_mod, checkpoint=self.cfg.grad_checkpointing)
                 tapped = img if i == tap else tapped
         if last <= n_double:
             return img, tapped
         (mod,) = split_modulation(cond.rows.modulation(self.single_stream_modulation, cond.vec), 1)
         x = img if txt is None else torch.cat((txt, img), dim=1)  # (B, L_txt + L_img, D), text first
         for i, block in enumerate(self.single_blocks[: last - n_double], start=n_double + 1):
-            x = block(x, pos, mod)
+            x = run_block(block, x, pos, mod, checkpoint=self.cfg.grad_checkpointing)
             tapped = x[:, n_txt:] if i == tap else tapped
         return x[:, n_txt:], tapped
 

@@ -19,7 +19,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from selfflow.backbone.layers import TokenRows, attention, modulate, timestep_embedding
+from selfflow.backbone.layers import TokenRows, attention, modulate, run_block, timestep_embedding
 
 
 @dataclass
@@ -37,6 +37,7 @@ class SiTConfig:
     learn_sigma: bool = True
     compatibility_mode: bool = True  # checkpoint trained with s = 1 - t and a negated head
     projector_dim: int = 0  # 0: same as hidden_size (the public checkpoint)
+    grad_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
 
     def __post_init__(self):
         for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads"):
@@ -267,7 +268,7 @@ class SiT(nn.Module):
         """Velocity `noise - x0` for tokens x `(B, L, C*p*p)`, t `(B,)` or `(B, L)`, labels y `(B,)`."""
         h, c_rows, rows = self._embed(x, t, y, ids)
         for block in self.blocks:
-            h = block(h, c_rows, rows)
+            h = run_block(block, h, c_rows, rows, checkpoint=self.cfg.grad_checkpointing)
         return self._head(h, c_rows, rows)
 
     def forward_with_features(
@@ -278,7 +279,7 @@ class SiT(nn.Module):
         h, c_rows, rows = self._embed(x, t, y, ids)
         features = None
         for i, block in enumerate(self.blocks, start=1):
-            h = block(h, c_rows, rows)
+            h = run_block(block, h, c_rows, rows, checkpoint=self.cfg.grad_checkpointing)
             if i == layer:
                 features = self.projector(h)
         return SiTFeatures(self._head(h, c_rows, rows), features)
@@ -288,5 +289,5 @@ class SiT(nn.Module):
         self._check_layer(layer)
         h, c_rows, rows = self._embed(x, t, y, ids)
         for block in self.blocks[:layer]:
-            h = block(h, c_rows, rows)
+            h = run_block(block, h, c_rows, rows, checkpoint=self.cfg.grad_checkpointing)
         return h

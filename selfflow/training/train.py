@@ -117,6 +117,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     nan_policy: str = "stop"  # "stop": raise naming step, modality and term; "skip": skip and count
     resume: bool = True  # continue from the run folder's latest complete checkpoint if there is one
+    compile: bool = False  # torch.compile every trunk block of student and teacher (ZeRO 0-2)
 
     def __post_init__(self):
         total = sum(m.probability for m in self.modalities.values())
@@ -138,6 +139,8 @@ class TrainConfig:
             raise ValueError(f"nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}")
         if self.nan_policy == "skip" and self.deepspeed.grad_accum != 1:
             raise ValueError("nan_policy 'skip' needs deepspeed.grad_accum = 1")
+        if self.compile and self.deepspeed.zero_stage == 3:
+            raise ValueError("compile is supported with deepspeed.zero_stage 0-2 (ZeRO-3 gathers inside blocks)")
         if self.steps < 1 or self.save_every < 1 or self.keep_checkpoints < 1 or self.log_every < 1:
             raise ValueError("steps, save_every, keep_checkpoints and log_every must be >= 1")
 
@@ -190,6 +193,10 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path) -> None:
     max_batch = max(m.batch_size for m in cfg.modalities.values())
     engine = Engine.create(model, cfg.deepspeed, micro_batch=max_batch, device=info.device)
     ema = EMATeacher.create(engine, teacher_init)
+    if cfg.compile:  # block by block: one graph per block kind and token count, DeepSpeed stays eager
+        for trunk in (engine.module, ema.teacher):
+            for block in [*trunk.double_blocks, *trunk.single_blocks]:
+                block.compile()
     state = resume(cfg, engine, ema, run_dir) if cfg.resume else TrainState()
 
     tracker = Tracker(cfg.tracking, run_dir, info.rank, run_id=state.run_id)
