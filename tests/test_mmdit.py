@@ -391,3 +391,35 @@ def test_text_padding_is_masked_and_token_ids_embed():
         model(x, t, ids, tokens, txt_mask=mask)
     with pytest.raises(ValueError, match="token ids"):
         build_mmdit(MMDiTConfig.tiny())(x, t, ids, tokens)
+
+
+def test_activation_checkpointing_gives_identical_gradients():
+    torch.manual_seed(0)
+    cfg = MMDiTConfig.tiny()
+    cfg.projector_dim = 64
+    plain = build_mmdit(cfg)
+    for p in plain.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    ckpt = build_mmdit(dataclasses.replace(cfg, grad_checkpointing=True))
+    ckpt.load_state_dict(plain.state_dict())
+    x, t = torch.randn(2, 6, 16), torch.rand(2, 6)
+    ids = torch.zeros(2, 6, 4, dtype=torch.long)
+    ids[..., 1] = torch.arange(6)
+    saved = {}
+    for name, model in (("plain", plain), ("ckpt", ckpt)):
+        count = 0
+
+        def pack(tensor):
+            nonlocal count
+            count += tensor.numel()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out = model.forward_with_features(
+                x, t, ids, torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(1)), layer=3
+            )
+            (out.velocity.square().mean() + out.features.square().mean()).backward()
+        saved[name] = count
+    for a, b in zip(plain.parameters(), ckpt.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad)
+    assert saved["ckpt"] < saved["plain"] / 2  # activations are recomputed, not kept

@@ -112,3 +112,16 @@ def test_xl2_parameter_count():
         model = SiT(SiTConfig.xl_2())
     n = sum(p.numel() for p in model.parameters())
     assert 670e6 < n < 685e6, n
+
+
+def test_activation_checkpointing_matches(reference):
+    cfg = SiTConfig(**reference["config"])
+    plain, ckpt = SiT(cfg), SiT(SiTConfig(**reference["config"], grad_checkpointing=True))
+    plain.load_state_dict(reference["state_dict"])
+    ckpt.load_state_dict(reference["state_dict"])
+    r = reference
+    for model in (plain, ckpt):
+        model(r["x"], r["t_token"], r["y"], r["x_ids"]).square().mean().backward()
+    for a, b in zip(plain.parameters(), ckpt.parameters(), strict=True):
+        assert (a.grad is None and b.grad is None) or torch.equal(a.grad, b.grad)
+    assert plain.blocks[0].attn.qkv.weight.grad is not None

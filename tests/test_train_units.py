@@ -146,3 +146,8 @@ def test_other_modalities_zero_touches_every_other_projection():
         assert getattr(model, name).weight.grad is not None
     assert model.final_layer.aud_linear.weight.grad is not None and model.img_in.weight.grad is None
     assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters() if p.grad is not None)
+
+
+def test_compile_is_refused_with_zero3():
+    with pytest.raises(ConfigError, match="compile"):
+        load_config(TrainConfig, "configs/train/tiny.yaml", ["compile=true", "deepspeed.zero_stage=3"])
