@@ -4,6 +4,10 @@
 #   2. the 625M MMDiT on image-sized tokens (batch 38 x 256 tokens): Self-Flow vs flow matching
 #      step time, tokens/s and the student's forward+backward MFU.
 # On a machine without the project's dependencies, wheels in .whl/ are installed to /tmp/site first.
+# The lent GPU machines have torch and transformers but lack: deepspeed (build a py3 wheel with
+# `DS_BUILD_OPS=0 pip wheel --no-deps deepspeed==0.19.8`), hjson, pydantic + pydantic-core (cp312),
+# annotated-types, typing-inspection, typing-extensions>=4.16, webdataset, braceexpand, diffusers,
+# importlib-metadata (download with `pip download --no-deps --only-binary=:all: --python-version 3.12`).
 set -euo pipefail
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
