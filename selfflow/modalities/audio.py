@@ -24,7 +24,7 @@ from diffusers import AutoencoderOobleck
 from torch import Tensor, nn
 
 from selfflow.flow.paths import TimestepConfig
-from selfflow.modalities.base import Modality, ModalityDefaults, check_media, load_pretrained
+from selfflow.modalities.base import Identity, Modality, ModalityDefaults, check_media, load_pretrained
 
 
 class AudioAutoencoder(nn.Module):
@@ -46,18 +46,11 @@ class AudioAutoencoder(nn.Module):
         return (B, self.latent_channels, samples // self.hop)
 
 
-class RawWaveform(AudioAutoencoder):
+class RawWaveform(Identity, AudioAutoencoder):
     """Identity autoencoder: the latent is the waveform itself (hop 1; the token patch groups samples)."""
 
     def __init__(self, channels: int = 2, sample_rate: int = 48000):
         super().__init__(channels, channels, 1, sample_rate)
-
-    def encode(self, media: Tensor) -> Tensor:
-        self.latent_shape(media.shape)
-        return media
-
-    def decode(self, latent: Tensor) -> Tensor:
-        return latent
 
 
 class OobleckVAE(AudioAutoencoder):

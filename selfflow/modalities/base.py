@@ -53,6 +53,17 @@ class Autoencoder(Protocol):
     def to(self, *args, **kwargs): ...
 
 
+class Identity:
+    """`encode` / `decode` of the raw autoencoders: the latent is the media itself (shape-checked)."""
+
+    def encode(self, media: Tensor) -> Tensor:
+        self.latent_shape(media.shape)
+        return media
+
+    def decode(self, latent: Tensor) -> Tensor:
+        return latent
+
+
 def load_pretrained(cls, path: str | Path | None, modality: str):
     """`cls.from_pretrained` from a local folder, frozen and in eval mode; never touches a hub."""
     folder = Path(path) if path else None

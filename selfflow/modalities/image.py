@@ -21,7 +21,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from selfflow.flow.paths import TimestepConfig
-from selfflow.modalities.base import Modality, ModalityDefaults, check_media, load_pretrained
+from selfflow.modalities.base import Identity, Modality, ModalityDefaults, check_media, load_pretrained
 
 
 class ImageAutoencoder(nn.Module):
@@ -43,18 +43,11 @@ class ImageAutoencoder(nn.Module):
         return (B, self.latent_channels, H // f, W // f)
 
 
-class RawPixels(ImageAutoencoder):
+class RawPixels(Identity, ImageAutoencoder):
     """Identity autoencoder: the latent is the image itself."""
 
     def __init__(self, channels: int = 3):
         super().__init__(channels, channels, 1)
-
-    def encode(self, media: Tensor) -> Tensor:
-        self.latent_shape(media.shape)
-        return media
-
-    def decode(self, latent: Tensor) -> Tensor:
-        return latent
 
 
 class SDVAE(ImageAutoencoder):

@@ -18,7 +18,7 @@ from diffusers import AutoencoderKLWan
 from torch import Tensor, nn
 
 from selfflow.flow.paths import TimestepConfig
-from selfflow.modalities.base import Modality, ModalityDefaults, check_media, load_pretrained
+from selfflow.modalities.base import Identity, Modality, ModalityDefaults, check_media, load_pretrained
 
 WAN_CHUNK = 4  # diffusers' Wan encoder reads frame 0, then chunks of 4 frames
 
@@ -52,18 +52,11 @@ class VideoAutoencoder(nn.Module):
         return (B, self.latent_channels, frames, H // s, W // s)
 
 
-class RawFrames(VideoAutoencoder):
+class RawFrames(Identity, VideoAutoencoder):
     """Identity autoencoder: the latent is the video itself."""
 
     def __init__(self, channels: int = 3):
         super().__init__(channels, channels, 1, 1, causal=False)
-
-    def encode(self, media: Tensor) -> Tensor:
-        self.latent_shape(media.shape)
-        return media
-
-    def decode(self, latent: Tensor) -> Tensor:
-        return latent
 
 
 class WanVAE(VideoAutoencoder):
