@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from reference_stats import ks_statistic, normal_cdf
 
 from selfflow.flow.paths import (
     TimestepConfig,
@@ -16,19 +17,6 @@ from selfflow.flow.paths import (
 
 N = 200_000
 KS_LIMIT = 1.63 / math.sqrt(N)  # Kolmogorov-Smirnov critical value at the 1% level
-
-
-def ks_statistic(samples: torch.Tensor, cdf) -> float:
-    x, _ = torch.sort(samples.double())
-    n = len(x)
-    f = cdf(x)
-    upper = torch.arange(1, n + 1, dtype=torch.float64) / n - f
-    lower = f - torch.arange(0, n, dtype=torch.float64) / n
-    return max(upper.max().item(), lower.max().item())
-
-
-def normal_cdf(z):
-    return 0.5 * (1 + torch.erf(z / math.sqrt(2)))
 
 
 def plateau_cdf(u, m, s, w):

@@ -10,6 +10,7 @@ import re
 
 import pytest
 import torch
+from reference_stats import ks_statistic, normal_cdf
 from torch import nn
 
 from selfflow.flow.paths import TimestepConfig
@@ -50,10 +51,6 @@ def test_mask_ratio(ratio):
     assert (per_sample > 0).all() and (per_sample < 1).all()
 
 
-def normal_cdf(z: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (1 + torch.erf(z / math.sqrt(2)))
-
-
 def unshift(x: torch.Tensor, shift: float) -> torch.Tensor:
     """Inverse of `t' = shift t / (1 + (shift - 1) t)`."""
     return x / (shift - (shift - 1) * x)
@@ -65,15 +62,6 @@ def uniform_shift_cdf(shift: float):
 
 def logit_normal_cdf(mean: float, std: float, shift: float = 1.0):
     return lambda x: normal_cdf((torch.logit(unshift(x, shift)) - mean) / std)
-
-
-def ks_statistic(samples: torch.Tensor, cdf) -> float:
-    x, _ = torch.sort(samples.double())
-    n = len(x)
-    f = cdf(x)
-    upper = torch.arange(1, n + 1, dtype=torch.float64) / n - f
-    lower = f - torch.arange(0, n, dtype=torch.float64) / n
-    return max(upper.max().item(), lower.max().item())
 
 
 KS_N = 20_000  # samples; one token each, so the KS sample is i.i.d.

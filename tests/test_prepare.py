@@ -22,6 +22,7 @@ import torch
 import webdataset as wds
 from diffusers import AutoencoderOobleck
 from PIL import Image
+from tiny_autoencoders import TINY_OOBLECK
 
 from selfflow.cli import main
 from selfflow.config import load_config
@@ -36,15 +37,6 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(num_images=24, num_videos=6, num_audio=10, samples_per_shard=8)
 EXPECTED = {"image": (256, 12, [3, 32, 32]), "video": (144, 192, [3, 9, 32, 32]), "audio": (40, 400, [1, 16000])}
 BF16_HALF_ULP = 2**-9  # rounding error of a bf16 value in [-1, 1]
-TINY_OOBLECK = dict(  # as in test_modalities.py: hop 8, 4 latent channels, stereo 48 kHz
-    encoder_hidden_size=8,
-    downsampling_ratios=[2, 4],
-    channel_multiples=[1, 2],
-    decoder_channels=8,
-    decoder_input_channels=4,
-    audio_channels=2,
-    sampling_rate=48000,
-)
 
 
 @pytest.fixture(scope="module")

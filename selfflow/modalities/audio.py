@@ -24,7 +24,15 @@ from diffusers import AutoencoderOobleck
 from torch import Tensor, nn
 
 from selfflow.flow.paths import TimestepConfig
-from selfflow.modalities.base import Identity, Modality, ModalityDefaults, check_media, load_pretrained
+from selfflow.modalities.base import (
+    Identity,
+    Modality,
+    ModalityDefaults,
+    check_media,
+    decode_normalised,
+    encode_normalised,
+    load_pretrained,
+)
 
 
 class AudioAutoencoder(nn.Module):
@@ -67,16 +75,12 @@ class OobleckVAE(AudioAutoencoder):
         self.register_buffer("mean", torch.tensor(stats["mean"], dtype=torch.float32).view(1, C, 1), persistent=False)
         self.register_buffer("std", torch.tensor(stats["std"], dtype=torch.float32).view(1, C, 1), persistent=False)
 
-    @torch.no_grad()
     def encode(self, media: Tensor) -> Tensor:
         self.latent_shape(media.shape)
-        z = self.vae.encode(media.to(self.vae.dtype)).latent_dist.mean.float()
-        return (z - self.mean) / self.std
+        return encode_normalised(self.vae, media, self.mean, self.std)
 
-    @torch.no_grad()
     def decode(self, latent: Tensor) -> Tensor:
-        z = latent.float() * self.std + self.mean
-        return self.vae.decode(z.to(self.vae.dtype)).sample.float().clamp(-1, 1)
+        return decode_normalised(self.vae, latent, self.mean, self.std)
 
 
 def compute_latent_stats(latents: Iterable[Tensor]) -> dict[str, list[float]]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 from selfflow.flow.paths import TimestepConfig
@@ -62,6 +63,20 @@ class Identity:
 
     def decode(self, latent: Tensor) -> Tensor:
         return latent
+
+
+@torch.no_grad()
+def encode_normalised(vae, media: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Posterior mean of a diffusers VAE, normalised per channel: `(z - mean) / std` in float32."""
+    z = vae.encode(media.to(vae.dtype)).latent_dist.mean.float()
+    return (z - mean) / std
+
+
+@torch.no_grad()
+def decode_normalised(vae, latent: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Inverse of `encode_normalised`: media in [-1, 1] (float32)."""
+    z = latent.float() * std + mean
+    return vae.decode(z.to(vae.dtype)).sample.float().clamp(-1, 1)
 
 
 def load_pretrained(cls, path: str | Path | None, modality: str):

@@ -18,7 +18,15 @@ from diffusers import AutoencoderKLWan
 from torch import Tensor, nn
 
 from selfflow.flow.paths import TimestepConfig
-from selfflow.modalities.base import Identity, Modality, ModalityDefaults, check_media, load_pretrained
+from selfflow.modalities.base import (
+    Identity,
+    Modality,
+    ModalityDefaults,
+    check_media,
+    decode_normalised,
+    encode_normalised,
+    load_pretrained,
+)
 
 WAN_CHUNK = 4  # diffusers' Wan encoder reads frame 0, then chunks of 4 frames
 
@@ -77,16 +85,12 @@ class WanVAE(VideoAutoencoder):
         self.register_buffer("mean", torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1), persistent=False)
 
-    @torch.no_grad()
     def encode(self, media: Tensor) -> Tensor:
         self.latent_shape(media.shape)
-        z = self.vae.encode(media.to(self.vae.dtype)).latent_dist.mean.float()
-        return (z - self.mean) / self.std
+        return encode_normalised(self.vae, media, self.mean, self.std)
 
-    @torch.no_grad()
     def decode(self, latent: Tensor) -> Tensor:
-        z = latent.float() * self.std + self.mean
-        return self.vae.decode(z.to(self.vae.dtype)).sample.float()  # the Wan decoder clamps to [-1, 1]
+        return decode_normalised(self.vae, latent, self.mean, self.std)
 
 
 def video_defaults() -> ModalityDefaults:

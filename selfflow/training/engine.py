@@ -200,11 +200,6 @@ class Engine:
         self.ds.step()
 
     @property
-    def at_boundary(self) -> bool:
-        """True when the last `step()` applied the optimizer (end of gradient accumulation)."""
-        return self.ds.is_gradient_accumulation_boundary()
-
-    @property
     def lr(self) -> float:
         return self.ds.get_lr()[0]
 
@@ -242,7 +237,6 @@ class EMATeacher:
         self.engine, self.teacher = engine, teacher
         self.teacher.requires_grad_(False).eval()
         student_names = {id(p): n for n, p in engine.module.named_parameters()}
-        self.names = [n for n, _ in engine.module.named_parameters()]
         teacher_params = dict(self.teacher.named_parameters())
         if engine.zero3:
             opt = engine.ds.optimizer
@@ -259,8 +253,8 @@ class EMATeacher:
                     offset += n
                 self.flats.append(flat)
         else:
-            self.students = [p for _, p in engine.module.named_parameters()]
-            self.flats = [teacher_params[n].data for n in self.names]
+            self.students = list(engine.module.parameters())
+            self.flats = [teacher_params[student_names[id(p)]].data for p in self.students]
 
     @classmethod
     def create(cls, engine: Engine, model_copy: nn.Module) -> "EMATeacher":
