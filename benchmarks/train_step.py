@@ -6,8 +6,13 @@ data (noising), student forward + backward, teacher forward, EMA update, optimiz
 samples/s, the split, and the Self-Flow / flow-matching step-time ratio next to the target
 `1 + (k / depth) / 3 + 0.05`.
 
+Model FLOPs of the student's forward + backward are counted by `torch.utils.flop_counter`
+on one real step (matmuls `2mnk` forward and `4mnk` backward, SDPA `4 B H L^2 Dh` forward and
+2.5x that backward; the per-row modulation linears count too, at R rows); with `--peak-tflops`
+the benchmark prints tokens/s and the model FLOPs utilisation of the student's forward + backward.
+
     python benchmarks/train_step.py                                     # tiny MMDiT on CPU
-    python benchmarks/train_step.py --preset 625m --device cuda --dtype bf16 --batch 38 --compile
+    python benchmarks/train_step.py --preset 625m --device cuda --dtype bf16 --batch 38 --compile --peak-tflops 989
 """
 
 import argparse
@@ -17,6 +22,7 @@ import time
 from collections import defaultdict
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from selfflow.backbone.mmdit import MMDiTConfig, build_mmdit
 from selfflow.flow.paths import TimestepConfig
@@ -47,12 +53,17 @@ class Clock:
         return now
 
 
-def run(method: str, args, device, dtype) -> tuple[dict, float]:
+def run(method: str, args, device, dtype) -> tuple[dict, float, int]:
     model_cfg, objective, side = preset(args.preset)
     objective = dataclasses.replace(objective, method=method)
     torch.manual_seed(0)
     student = build_mmdit(model_cfg, device).to(dtype)
     teacher = copy.deepcopy(student).float().requires_grad_(False)
+    in_dim = model_cfg.modalities["image"][0]
+    x0 = torch.randn(args.batch, side * side, in_dim, device=device)
+    ids = image_ids(args.batch, side, side, device)
+    gen = torch.Generator().manual_seed(0)
+    flops = student_flops(student, objective, x0, ids, gen, dtype)
     if args.compile:
         for trunk in (student, teacher):
             for block in [*trunk.double_blocks, *trunk.single_blocks]:
@@ -60,10 +71,6 @@ def run(method: str, args, device, dtype) -> tuple[dict, float]:
     params = list(student.parameters())
     teacher_params = list(teacher.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
-    in_dim = model_cfg.modalities["image"][0]
-    x0 = torch.randn(args.batch, side * side, in_dim, device=device)
-    ids = image_ids(args.batch, side, side, device)
-    gen = torch.Generator().manual_seed(0)
     clock = Clock(device)
     bf16 = dtype == torch.bfloat16 and device.type == "cuda"
 
@@ -98,7 +105,21 @@ def run(method: str, args, device, dtype) -> tuple[dict, float]:
             clock.lap("ema", now)
     totals = {k: v / args.steps for k, v in clock.totals.items()}
     totals["student fwd+bwd"] = totals.pop("student fwd+bwd (+teacher)") - totals.get("teacher fwd", 0.0)
-    return totals, objective.teacher_layer / model_cfg.depth
+    return totals, objective.teacher_layer / model_cfg.depth, flops
+
+
+def student_flops(student, objective: ObjectiveConfig, x0, ids, gen, dtype) -> int:
+    """FLOPs of the student's forward (with its feature tap for Self-Flow) + backward on one batch."""
+    noised = noise_batch(x0, TimestepConfig("logit_normal"), 0.25, objective, gen)
+    with FlopCounterMode(display=False) as counter:
+        if objective.method == "selfflow":
+            x, layer = noised.x_student.to(dtype), objective.student_layer
+            out = student.forward_with_features(x, noised.tau, ids, layer=layer)
+            (out.velocity.float().sum() + out.features.float().sum()).backward()
+        else:
+            student(noised.x_student.to(dtype), noised.tau, ids).float().sum().backward()
+    student.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
 
 
 def main() -> None:
@@ -110,13 +131,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for the MFU figure")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     results = {m: run(m, args, device, dtype) for m in ("selfflow", "fm")}
-    steps = {m: sum(split.values()) for m, (split, _) in results.items()}
-    for method, (split, _) in results.items():
+    steps = {m: sum(split.values()) for m, (split, *_) in results.items()}
+    tokens = args.batch * preset(args.preset)[2] ** 2
+    for method, (split, _, flops) in results.items():
         parts = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in split.items())
         print(f"{method:8s} step {1e3 * steps[method]:.1f} ms ({args.batch / steps[method]:.1f} samples/s): {parts}")
+        fwd_bwd = split["student fwd+bwd"]
+        line = f"{method:8s} student fwd+bwd: {flops / 1e12:.2f} TFLOP per step, {tokens / fwd_bwd:.0f} tokens/s"
+        if args.peak_tflops:
+            achieved = flops / fwd_bwd / 1e12
+            line += f", {achieved:.1f} TFLOP/s = {100 * achieved / args.peak_tflops:.1f}% MFU"
+        print(line)
     depth_share = results["selfflow"][1]
     print(
         f"Self-Flow / flow matching step time: {steps['selfflow'] / steps['fm']:.3f} "

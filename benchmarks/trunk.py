@@ -12,6 +12,7 @@ allocated memory.
 """
 
 import argparse
+import statistics
 import time
 from dataclasses import replace
 
@@ -73,6 +74,24 @@ def call(model, kind, x, t, extra):
     return model(x, t, extra["ids"])
 
 
+def paired(fns, device, repeats: int) -> list[float]:
+    """Median seconds per call of each function, calls interleaved so drifting machine load
+    (a shared VM's neighbours, page-fault storms) hits every function alike."""
+    for fn in fns * 2:  # warm-up (and compilation)
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, times, strict=True):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            out.append(time.perf_counter() - start)
+    return [statistics.median(out) for out in times]
+
+
 def timed(fn, device, repeats: int) -> float:
     fn()  # warm-up (and compilation)
     fn()
@@ -108,7 +127,7 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=11)
     args = parser.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     print(f"device {device} dtype {args.dtype} compile {args.compile} batch {args.batch}")
@@ -129,8 +148,11 @@ def measure(kind: str, width: int, length: int, args, device, dtype) -> str:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
-        scalar = timed(lambda: call(model, kind, x, t, extra), device, args.repeats)
-        token = timed(lambda: call(model, kind, x, t_token, extra), device, args.repeats)
+        scalar, token = paired(
+            [lambda: call(model, kind, x, t, extra), lambda: call(model, kind, x, t_token, extra)],
+            device,
+            args.repeats,
+        )
     train = timed(lambda: call(model, kind, x, t_token, extra).float().square().mean().backward(), device, args.repeats)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
     saved = saved_bytes(model, kind, x, t_token, extra) / 2**20

@@ -174,7 +174,7 @@ def test_double_block_matches_text_first_reference():
     pe = rope_nd(pos, tuple(cfg.axes_dim), cfg.theta)
 
     def triples(m):
-        return [ModulationOut(*m[:3]), ModulationOut(*m[3:])]
+        return [ModulationOut(m[0], 1 + m[1], m[2]), ModulationOut(m[3], 1 + m[4], m[5])]  # scale held as 1 + scale
 
     with torch.no_grad():
         img_out, txt_out = block(img, txt, Positions(pe, None), triples(img_mod), triples(txt_mod))

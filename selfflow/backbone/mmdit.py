@@ -130,14 +130,13 @@ class MMDiTFeatures(NamedTuple):
 
 class ModulationOut(NamedTuple):
     shift: Tensor  # (B, 1 or L, D)
-    scale: Tensor
+    scale: Tensor  # holds 1 + scale (added per row by TokenRows.modulation)
     gate: Tensor
 
 
-def split_modulation(mod: Tensor, parts: int) -> list[ModulationOut]:
-    """`(B, 1 or L, 3 * parts * D)` -> `parts` triples, each in FLUX order (shift, scale, gate)."""
-    chunks = mod.chunk(3 * parts, dim=-1)
-    return [ModulationOut(*chunks[i : i + 3]) for i in range(0, 3 * parts, 3)]
+def split_modulation(chunks: tuple[Tensor, ...]) -> list[ModulationOut]:
+    """`3 * parts` chunks -> `parts` triples, each in FLUX order (shift, scale, gate)."""
+    return [ModulationOut(*chunks[i : i + 3]) for i in range(0, len(chunks), 3)]
 
 
 def text_timesteps(t: Tensor, policy: str) -> Tensor:
@@ -462,16 +461,16 @@ class MMDiT(nn.Module):
         n_double, n_txt = self.cfg.depth_double, 0 if txt is None else txt.shape[1]
         tapped = None
         if n_double:
-            img_mod = split_modulation(cond.img_rows.modulation(self.double_stream_modulation_img, cond.vec), 2)
+            img_mod = split_modulation(cond.img_rows.modulation(self.double_stream_modulation_img, cond.vec, 6))
             txt_mod = None
             if txt is not None:
-                txt_mod = split_modulation(cond.txt_rows.modulation(self.double_stream_modulation_txt, cond.vec), 2)
+                txt_mod = split_modulation(cond.txt_rows.modulation(self.double_stream_modulation_txt, cond.vec, 6))
             for i, block in enumerate(self.double_blocks[:last], start=1):
                 img, txt = run_block(block, img, txt, pos, img_mod, txt_mod, checkpoint=self.cfg.grad_checkpointing)
                 tapped = img if i == tap else tapped
         if last <= n_double:
             return img, tapped
-        (mod,) = split_modulation(cond.rows.modulation(self.single_stream_modulation, cond.vec), 1)
+        (mod,) = split_modulation(cond.rows.modulation(self.single_stream_modulation, cond.vec, 3))
         x = img if txt is None else torch.cat((txt, img), dim=1)  # (B, L_txt + L_img, D), text first
         for i, block in enumerate(self.single_blocks[: last - n_double], start=n_double + 1):
             x = run_block(block, x, pos, mod, checkpoint=self.cfg.grad_checkpointing)
@@ -479,7 +478,7 @@ class MMDiT(nn.Module):
         return x[:, n_txt:], tapped
 
     def _head(self, h: Tensor, cond: Conditioning, modality: str) -> Tensor:
-        shift, scale = cond.img_rows.modulation(self.final_layer.adaLN_modulation, cond.vec).chunk(2, dim=-1)
+        shift, scale = cond.img_rows.modulation(self.final_layer.adaLN_modulation, cond.vec, 2, group=2)
         return self.final_layer(h, shift, scale, modality)
 
     def _check_layer(self, layer: int) -> None:

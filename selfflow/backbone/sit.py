@@ -159,8 +159,8 @@ class SiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x: Tensor, c_rows: Tensor, rows: TokenRows) -> Tensor:
-        mod = rows.modulation(self.adaLN_modulation, c_rows)  # (B, 1 or L, 6D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
+        mod = rows.modulation(self.adaLN_modulation, c_rows, 6)  # 6 x (B, 1 or L, D); scales hold 1 + scale
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         x = x + gate_msa * self.attn(modulate(x, shift_msa, scale_msa))
         return x + gate_mlp * self.mlp(modulate(x, shift_mlp, scale_mlp))
 
@@ -173,7 +173,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, x: Tensor, c_rows: Tensor, rows: TokenRows) -> Tensor:
-        shift, scale = rows.modulation(self.adaLN_modulation, c_rows).chunk(2, dim=-1)
+        shift, scale = rows.modulation(self.adaLN_modulation, c_rows, 2, group=2)
         return self.linear(modulate(x, shift, scale))
 
 
