@@ -3,6 +3,7 @@
     selfflow synth --config configs/data/synth.yaml num_images=256
     selfflow prepare --config configs/data/prepare_tiny.yaml workers=4
     selfflow sample --config configs/sample/tiny.yaml sampler.num_steps=20 out_dir=outputs/demo
+    selfflow eval checkpoint=runs/demo/export/ema.safetensors eval.num_samples=64
     selfflow sample --help        # options and every config key with its default
 
 Every job takes `--config PRESET.yaml` plus `key.sub=value` overrides and writes its resolved
@@ -37,6 +38,14 @@ def _job_config(job: str) -> type:
         from selfflow.eval.sample import SampleConfig
 
         return SampleConfig
+    if job == "eval":
+        from selfflow.eval.evaluate import EvalJobConfig
+
+        return EvalJobConfig
+    if job == "report":
+        from selfflow.eval.report import ReportConfig
+
+        return ReportConfig
     from selfflow.training.train import TrainConfig
 
     return TrainConfig
@@ -62,6 +71,22 @@ DESCRIPTIONS = {
         "given), decode them with a local SD-VAE folder, and write PNGs, an ADM-evaluator .npz\n"
         "(arr_0, uint8 NHWC) and the resolved config to out_dir. Sample i is seeded by (seed, i),\n"
         "so results do not depend on batch size or process count; run under torchrun for multi-GPU.",
+    ),
+    "eval": (
+        "sample captioned items per modality from an export and compute that modality's metrics",
+        "Sample num_samples items per modality from a `selfflow export` file, conditioned on the captions\n"
+        "of the first items of the prepared data (sample i seeded by (seed, i)), decode them, and score\n"
+        "them against those items: built-in FD and caption-following accuracy everywhere, FVD for video,\n"
+        "and FID / sFID / IS / precision / recall / FD-DINO / CLIP score / FAD where local weights of the\n"
+        "standard networks are given. Writes out_dir/eval.json (every number, the protocol, weights'\n"
+        "sha256, the checkpoint step) and sample pictures, GIFs and WAVs.",
+    ),
+    "report": (
+        "turn runs and evaluations into an HTML page and a Markdown file (tables, plots, samples)",
+        "Collect runs (metrics.jsonl, evals/*/eval.json) or evaluation folders (eval.json) into\n"
+        "out_dir/report.html and report.md: metric tables per modality, caption accuracy per attribute,\n"
+        "loss curves and metric-vs-step plots, image grids, GIF videos and audio players. With mlflow=true\n"
+        "the folder is also logged as artifacts of each training run's MLflow run.",
     ),
     "train": (
         "train the MMDiT trunk with Self-Flow / flow matching / REPA through DeepSpeed",
@@ -127,6 +152,14 @@ def run_job(args: argparse.Namespace) -> None:
         from selfflow.eval.sample import run_sample
 
         run_sample(cfg)
+    elif args.job == "eval":
+        from selfflow.eval.evaluate import run_eval
+
+        print(f"wrote {run_eval(cfg)}")
+    elif args.job == "report":
+        from selfflow.eval.report import write_report
+
+        print(f"report: {write_report(cfg)}")
     else:
         from selfflow.training import checkpoints
         from selfflow.training.train import train

@@ -8,15 +8,20 @@ the key and both shapes.
 
     report = load_weights(model, "selfflow_imagenet256.pt")
     print(report)   # missing / unexpected keys, which wrapper was used
+    model, meta = load_export("runs/demo/export/ema.safetensors")   # a `selfflow export` file
 """
 
+import json
 import pickle
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import Tensor, nn
+
+from selfflow.backbone.mmdit import MMDiT, MMDiTConfig
 
 WRAPPERS = ("ema", "model", "state_dict", "module")
 PREFIXES = ("module.", "_orig_mod.")
@@ -101,3 +106,14 @@ def _strip(key: str) -> str:
             if key.startswith(prefix):
                 key, changed = key[len(prefix) :], True
     return key.replace("._orig_mod.", ".")
+
+
+def load_export(path: str | Path) -> tuple[MMDiT, dict[str, str]]:
+    """The exported model (eval mode, fp32) and the file's metadata."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != "selfflow-export-1":
+        raise ValueError(f"{path} is not a selfflow export (metadata format {meta.get('format')!r})")
+    model = MMDiT(MMDiTConfig(**json.loads(meta["model_config"])))
+    load_weights(model, path, strict=True)
+    return model.eval(), meta

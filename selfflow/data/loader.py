@@ -62,7 +62,7 @@ def shard_list(pattern: str) -> list[str]:
     return urls
 
 
-def _decode(sample: dict) -> dict:
+def decode_sample(sample: dict) -> dict:
     """Raw tar members -> tensors; a sample with missing or undecodable members raises (and is skipped)."""
     key = sample.get("__key__", "?")
     if "latent.pth" not in sample:
@@ -119,7 +119,7 @@ class LatentStream:
             wds.ResampledShards(self.urls, seed=self.seed, deterministic=True),
             wds.tarfile_to_samples(handler=self.skipped),
             wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=random.Random(self.seed)),
-            wds.map(_decode, handler=self.skipped),
+            wds.map(decode_sample, handler=self.skipped),
             _Batcher(batch_size),
         )
         if cfg.workers:

@@ -13,11 +13,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 import yaml
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from selfflow.backbone.checkpoint import load_weights
-from selfflow.backbone.mmdit import MMDiT, MMDiTConfig
+from selfflow.backbone.checkpoint import load_export  # noqa: F401  (re-exported: the reader of what export writes)
 from selfflow.config import load_config
 from selfflow.training import checkpoints
 from selfflow.training.engine import consolidated_student
@@ -49,14 +47,3 @@ def export(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None =
         path = out.with_name(out.stem + ".student.safetensors")
         save_file(consolidated_student(folder), str(path), metadata={**meta, "weights": "student"})
     return out
-
-
-def load_export(path: str | Path) -> tuple[MMDiT, dict[str, str]]:
-    """The exported model (eval mode, fp32) and the file's metadata."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != "selfflow-export-1":
-        raise ValueError(f"{path} is not a selfflow export (metadata format {meta.get('format')!r})")
-    model = MMDiT(MMDiTConfig(**json.loads(meta["model_config"])))
-    load_weights(model, path, strict=True)
-    return model.eval(), meta

@@ -80,12 +80,13 @@ class Tracker:
 
     def __init__(self, cfg: TrackingConfig, run_dir: Path, rank: int = 0, run_id: str | None = None):
         self.run_id: str | None = None
+        self.uri: str | None = None
         self._client = None
         self._logged_params: dict[str, str] = {}  # what the run already holds, so a resume does not re-log
         if rank != 0 or not cfg.enabled:
             return
         run_dir = Path(run_dir).resolve()
-        uri = cfg.tracking_uri or f"sqlite:///{run_dir / 'mlflow.db'}"
+        uri = self.uri = cfg.tracking_uri or f"sqlite:///{run_dir / 'mlflow.db'}"
         for name, value in HTTP_ENV_DEFAULTS.items():
             os.environ.setdefault(name, value)
         try:

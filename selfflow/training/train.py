@@ -23,6 +23,7 @@ from selfflow.config import save_config
 from selfflow.data.batch import LatentBatch, mix_seed
 from selfflow.data.loader import LatentStream, LoaderConfig
 from selfflow.data.synthetic import SyntheticConfig, SyntheticLatents, SyntheticStream
+from selfflow.eval.evaluate import EvalConfig, evaluate, flat, write_eval
 from selfflow.flow.paths import TimestepConfig
 from selfflow.modalities.grid import unpatchify
 from selfflow.training import checkpoints
@@ -118,6 +119,8 @@ class TrainConfig:
     nan_policy: str = "stop"  # "stop": raise naming step, modality and term; "skip": skip and count
     resume: bool = True  # continue from the run folder's latest complete checkpoint if there is one
     compile: bool = False  # torch.compile every trunk block of student and teacher (ZeRO 0-2)
+    eval_every: int = 0  # evaluate the EMA weights every N optimizer steps and at the end (0: never)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # what periodic evaluation samples and measures
 
     def __post_init__(self):
         total = sum(m.probability for m in self.modalities.values())
@@ -141,6 +144,8 @@ class TrainConfig:
             raise ValueError("nan_policy 'skip' needs deepspeed.grad_accum = 1")
         if self.compile and self.deepspeed.zero_stage == 3:
             raise ValueError("compile is supported with deepspeed.zero_stage 0-2 (ZeRO-3 gathers inside blocks)")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
         if self.steps < 1 or self.save_every < 1 or self.keep_checkpoints < 1 or self.log_every < 1:
             raise ValueError("steps, save_every, keep_checkpoints and log_every must be >= 1")
 
@@ -201,6 +206,8 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path) -> None:
 
     tracker = Tracker(cfg.tracking, run_dir, info.rank, run_id=state.run_id)
     state.run_id = tracker.run_id
+    if tracker.run_id is not None:  # lets `selfflow report` attach its files to this MLflow run
+        (run_dir / "mlflow_run.json").write_text(json.dumps({"tracking_uri": tracker.uri, "run_id": tracker.run_id}))
     tracker.log_params(cfg)
     tracker.log_artifact(run_dir / "config.yaml")
     data = build_streams(cfg, info.rank, state.data_position)
@@ -232,9 +239,26 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path) -> None:
             if state.step % cfg.save_every == 0 or state.step == cfg.steps:
                 folder = save(cfg, engine, ema, state, run_dir, info.rank)
                 tracker.log_artifact(folder / "state.json", "checkpoints/" + folder.name)
+            if cfg.eval_every and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
+                periodic_eval(cfg, ema, tracker, run_dir, state.step, info.rank)
         status = "FINISHED"
     finally:
         tracker.close(status)
+
+
+def periodic_eval(cfg: TrainConfig, ema: EMATeacher, tracker: Tracker, run_dir: Path, step: int, rank: int) -> None:
+    """Evaluate the EMA weights on rank 0 into run_dir/evals/step_<step>, metrics to MLflow (`eval/...`).
+
+    Every rank enters the gather (ZeRO-3 assembles the teacher's weights collectively) and waits.
+    """
+    with ema.gathered() as model:
+        if rank == 0:
+            out = run_dir / "evals" / f"step_{step:07d}"
+            result = evaluate(model, cfg.eval, out, step)
+            write_eval(result, {"path": str(run_dir), "step": step, "weights": "ema"}, out)
+            numbers = {f"eval/{m}/{k}": v for m, metrics in result["metrics"].items() for k, v in flat(metrics).items()}
+            tracker.log_metrics(numbers, step)
+    barrier()
 
 
 def optimizer_step(

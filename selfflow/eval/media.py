@@ -1,0 +1,60 @@
+"""Files people look at: image grids (PNG), videos (GIF, plays in any browser), audio (WAV).
+
+The built-in data is tiny (32 px), so pictures are enlarged with nearest-neighbour scaling to
+keep pixels honest.
+
+    save_grid(pixels_uint8_nhwc, "samples/image_grid.png", columns=8, scale=3)
+    save_gif(frames_uint8_thwc, "samples/video_000.gif", fps=8, scale=3)
+    save_wav(waveform_cs, 16000, "samples/audio_000.wav")
+"""
+
+from pathlib import Path
+
+import numpy as np
+import soundfile
+from PIL import Image
+
+
+def enlarge(image: np.ndarray, scale: int) -> Image.Image:
+    picture = Image.fromarray(image)
+    if scale == 1:
+        return picture
+    return picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
+
+
+def save_grid(pixels: np.ndarray, path: str | Path, columns: int = 8, scale: int = 1, pad: int = 2) -> Path:
+    """uint8 `(N, H, W, 3)` as one grid picture, white gaps of `pad` pixels between cells."""
+    if pixels.ndim != 4 or pixels.shape[-1] != 3 or pixels.dtype != np.uint8:
+        raise ValueError(f"save_grid wants uint8 (N, H, W, 3), got {pixels.dtype} {pixels.shape}")
+    n, h, w, _ = pixels.shape
+    columns = min(columns, n)
+    rows = -(-n // columns)
+    cell_h, cell_w = h * scale + pad, w * scale + pad
+    grid = Image.new("RGB", (columns * cell_w + pad, rows * cell_h + pad), (255, 255, 255))
+    for i, image in enumerate(pixels):
+        grid.paste(enlarge(image, scale), (pad + (i % columns) * cell_w, pad + (i // columns) * cell_h))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def save_gif(frames: np.ndarray, path: str | Path, fps: int = 8, scale: int = 1) -> Path:
+    """uint8 `(T, H, W, 3)` as a looping GIF."""
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"save_gif wants uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
+    pictures = [enlarge(frame, scale) for frame in frames]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=round(1000 / fps), loop=0)
+    return path
+
+
+def save_wav(waveform: np.ndarray, sample_rate: int, path: str | Path) -> Path:
+    """Float `(C, S)` or `(S,)` in [-1, 1] as 16-bit PCM WAV."""
+    data = np.asarray(waveform, dtype=np.float32)
+    data = data.T if data.ndim == 2 else data
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(path, np.clip(data, -1, 1), sample_rate, subtype="PCM_16")
+    return path

@@ -1,0 +1,255 @@
+"""`selfflow report`: one HTML page and one Markdown file from one or more runs and evaluations.
+
+Each entry of `runs` is a training run folder (its `metrics.jsonl` gives loss curves, its
+`evals/*/eval.json` the periodic and final evaluations) or an evaluation folder holding an
+`eval.json`. The report has, per modality, a table of the latest evaluation of every run (every
+metric, plus caption-following accuracy per attribute), loss curves and metric-vs-step plots
+(matplotlib PNGs), and the samples: image grids, videos (GIF) and audio players, with their
+captions. Media are copied next to the report so the folder can be moved or attached as a whole.
+With `mlflow=true` the report folder is logged as artifacts of each run's MLflow run (the one named
+in the run folder's `mlflow_run.json`, written by training).
+
+    selfflow report runs=[runs/demo] out_dir=runs/demo/report
+    selfflow report runs=[runs/cmp/fm,runs/cmp/repa,runs/cmp/selfflow] out_dir=runs/cmp/report
+"""
+
+import html
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+MODALITIES = ("image", "video", "audio")
+HEADLINE = ("fd_builtin", "caption_accuracy", "caption_accuracy_real", "fvd", "fid", "sfid", "inception_score")
+
+
+@dataclass
+class ReportConfig:
+    runs: list[str] = field(default_factory=lambda: ["runs/demo"])  # run folders or eval folders
+    out_dir: str = "runs/demo/report"
+    title: str = "selfflow report"
+    mlflow: bool = True  # log the report as artifacts of each run's MLflow run (when it has one)
+
+    def __post_init__(self):
+        if not self.runs:
+            raise ValueError("runs must name at least one run or evaluation folder")
+
+
+@dataclass
+class Section:
+    title: str
+    plots: list[str]  # paths relative to the report folder
+    tables: list[tuple[list[str], list[list[str]]]]  # (header, rows)
+    samples: list[dict]  # {"run", "files", "captions"}
+
+
+@dataclass
+class Run:
+    name: str
+    folder: Path
+    losses: list[dict]  # metrics.jsonl rows
+    evals: list[tuple[Path, dict]]  # (folder, eval.json) sorted by step
+
+
+def load_run(path: str | Path) -> Run:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"report: {folder} is not a folder")
+    losses = []
+    if (folder / "metrics.jsonl").is_file():
+        losses = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    found = [folder / "eval.json"] if (folder / "eval.json").is_file() else sorted(folder.glob("evals/*/eval.json"))
+    evals = sorted(((p.parent, json.loads(p.read_text())) for p in found), key=lambda e: e[1].get("step", -1))
+    if not losses and not evals:
+        raise FileNotFoundError(f"report: {folder} has neither metrics.jsonl nor eval.json / evals/*/eval.json")
+    return Run(folder.name, folder, losses, evals)
+
+
+def write_report(cfg: ReportConfig) -> Path:
+    """Write report.html and report.md into `cfg.out_dir`; returns the HTML path."""
+    runs = [load_run(r) for r in cfg.runs]
+    out = Path(cfg.out_dir)
+    (out / "media").mkdir(parents=True, exist_ok=True)
+    sections = []
+    if any(r.losses for r in runs):
+        sections.append(Section("loss", [plot_losses(runs, out)], [], []))
+    for modality in MODALITIES:
+        latest = [(r, r.evals[-1]) for r in runs if r.evals and modality in r.evals[-1][1]["metrics"]]
+        if not latest:
+            continue
+        tables = [metric_table(modality, latest), attribute_table(modality, latest)]
+        plots = [p for p in [plot_metric_vs_step(modality, runs, out)] if p]
+        samples = [copy_samples(modality, r, folder, result, out) for r, (folder, result) in latest]
+        sections.append(Section(modality, plots, tables, samples))
+    html_path = out / "report.html"
+    html_path.write_text(render_html(cfg.title, runs, sections))
+    (out / "report.md").write_text(render_markdown(cfg.title, runs, sections))
+    if cfg.mlflow:
+        for run in runs:
+            log_to_mlflow(run.folder, out)
+    return html_path
+
+
+# ---------------------------------------------------------------- tables
+
+
+def headline(metrics: dict) -> dict[str, float]:
+    """Numbers of one modality's metrics: accuracies by their overall value, then every other number."""
+    row = {}
+    for key in HEADLINE + tuple(sorted(metrics)):
+        value = metrics.get(key)
+        if isinstance(value, dict) and "overall" in value:
+            row[key] = value["overall"]
+        elif isinstance(value, int | float) and key != "seconds":
+            row[key] = float(value)
+    return row
+
+
+def metric_table(modality: str, latest) -> tuple[list[str], list[list[str]]]:
+    rows = [(r.name, result["step"], headline(result["metrics"][modality])) for r, (_, result) in latest]
+    keys = list(dict.fromkeys(k for *_, values in rows for k in values))
+    body = [[name, str(step)] + [fmt(values.get(k)) for k in keys] for name, step, values in rows]
+    return ["run", "step", *keys], body
+
+
+def attribute_table(modality: str, latest) -> tuple[list[str], list[list[str]]]:
+    rows = [(r.name, result["metrics"][modality]["caption_accuracy"]["per_attribute"]) for r, (_, result) in latest]
+    keys = list(dict.fromkeys(k for _, values in rows for k in values))
+    return ["run (caption accuracy per attribute)", *keys], [[n] + [fmt(v.get(k)) for k in keys] for n, v in rows]
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+
+
+# ---------------------------------------------------------------- plots
+
+
+def plot_losses(runs: list[Run], out: Path) -> str:
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for run in runs:
+        steps = [row["step"] for row in run.losses if row.get("loss") == row.get("loss")]  # drop NaN (skipped)
+        losses = [row["loss"] for row in run.losses if row.get("loss") == row.get("loss")]
+        ax.plot(steps, smooth(losses), label=run.name)
+    ax.set(xlabel="step", ylabel="loss (smoothed)", yscale="log", title="training loss")
+    ax.legend()
+    return save_figure(fig, out / "media" / "loss.png")
+
+
+def plot_metric_vs_step(modality: str, runs: list[Run], out: Path) -> str | None:
+    keys = ("fd_builtin", "caption_accuracy", "fvd")
+    series = {k: [] for k in keys}
+    for run in runs:
+        for key in keys:
+            rows = [(r["step"], headline(r["metrics"][modality])) for _, r in run.evals if modality in r["metrics"]]
+            points = [(step, values[key]) for step, values in rows if key in values]
+            if points:
+                series[key].append((run.name, points))
+    keys = [k for k in keys if series[k]]
+    if not keys or max(len(p) for k in keys for _, p in series[k]) < 2:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        for name, points in series[key]:
+            ax.plot(*zip(*points, strict=True), marker="o", label=name)
+        ax.set(xlabel="step", title=f"{modality}: {key}")
+    axes[0][0].legend()
+    return save_figure(fig, out / "media" / f"{modality}_metrics.png")
+
+
+def smooth(values: list[float], window: int = 20) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def save_figure(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"media/{path.name}"
+
+
+# ---------------------------------------------------------------- samples, rendering, MLflow
+
+
+def copy_samples(modality: str, run: Run, folder: Path, result: dict, out: Path) -> dict:
+    saved = result.get("media", {}).get(modality, {"files": [], "captions": []})
+    files = []
+    for rel in saved["files"]:
+        target = out / "media" / f"{run.name}_step{result['step']}_{Path(rel).name}"
+        shutil.copyfile(folder / rel, target)
+        files.append(f"media/{target.name}")
+    return {"run": run.name, "files": files, "captions": saved["captions"]}
+
+
+def media_html(path: str) -> str:
+    if path.endswith(".wav"):
+        return f'<audio controls src="{path}"></audio>'
+    return f'<img src="{path}" style="image-rendering: pixelated">'
+
+
+def table_html(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def render_html(title: str, runs: list[Run], sections: list[Section]) -> str:
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}figure{display:inline-block;"
+        "margin:4px;max-width:220px;font-size:11px;vertical-align:top}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1><p>runs: {', '.join(html.escape(str(r.folder)) for r in runs)}</p>",
+    ]
+    for section in sections:
+        parts.append(f"<h2>{html.escape(section.title)}</h2>")
+        parts += [table_html(*t) for t in section.tables] + [f'<img src="{p}">' for p in section.plots]
+        for block in section.samples:
+            parts.append(f"<h3>samples: {html.escape(block['run'])}</h3>")
+            if len(block["files"]) == 1 and len(block["captions"]) > 1:  # one grid for many captions
+                parts.append(media_html(block["files"][0]))
+                parts.append("<ol start='0'>" + "".join(f"<li>{html.escape(c)}</li>" for c in block["captions"]))
+                parts.append("</ol>")
+            else:
+                for path, caption in zip(block["files"], block["captions"], strict=False):
+                    parts.append(f"<figure>{media_html(path)}<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return "\n".join(parts + ["</body></html>"])
+
+
+def table_markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def render_markdown(title: str, runs: list[Run], sections: list[Section]) -> str:
+    parts = [f"# {title}", "", "runs: " + ", ".join(f"`{r.folder}`" for r in runs), ""]
+    for section in sections:
+        parts += [f"## {section.title}", ""]
+        parts += [table_markdown(*t) + "\n" for t in section.tables]
+        parts += [f"![{section.title}]({p})\n" for p in section.plots]
+        for block in section.samples:
+            parts.append(f"samples of `{block['run']}`: " + ", ".join(f"[{Path(f).name}]({f})" for f in block["files"]))
+            parts.append("")
+    return "\n".join(parts) + "\n"
+
+
+def log_to_mlflow(run_folder: Path, report_dir: Path) -> None:
+    """Attach the report to the MLflow run of a training run folder (no-op for folders without one)."""
+    record = run_folder / "mlflow_run.json"
+    if not record.is_file():
+        return
+    from mlflow.tracking import MlflowClient
+
+    info = json.loads(record.read_text())
+    MlflowClient(tracking_uri=info["tracking_uri"]).log_artifacts(info["run_id"], str(report_dir), "report")
