@@ -17,13 +17,17 @@ feature for Frechet distances; its attribute head (`attribute_logits`) is there 
 Inputs are what `selfflow.data.raw` decodes: images (N, 3, H, W), videos (N, 3, T, H, W) (the frames
 are stacked as channels of a 2D net, so motion shows as a shift between channel groups), audio
 (N, C, S) or (N, S) (channels averaged) at the trained sample rate, all float in [-1, 1] and of the
-trained shape. Audio first becomes a fixed log spectrogram on a semitone-spaced filterbank.
+trained shape. Audio first becomes a fixed log spectrogram on a semitone-spaced filterbank. The net:
+coordinate maps appended, three 3x3 conv / GroupNorm / GELU blocks (strides 2, 2, 1), mean and max
+pooling (over both axes for pictures, so features say what is there while the coordinate maps let
+them say where; over time only for spectrograms, whose rows are pitches), a linear layer and a GELU.
 
 Deterministic: the same data, config and seed give the same weights bit for bit on one machine (init
 and batch order from the seed, constant data, `num_threads` torch threads while training; oneDNN kernels
 may differ between CPU generations). Training reads everything into memory; on the default synth data
-it takes seconds per modality on 2 CPU cores. Saved: `out.safetensors` (state dict) and `out.json`
-(config, attribute names, sha256 of the weights file and of the training data).
+(1024 images, 256 videos, 512 clips) 300 steps take about 7 s per modality on one CPU thread.
+Saved: `out.safetensors` (state dict) and `out.json` (config, attribute names, sha256 of the weights
+file and of the training data).
 """
 
 import hashlib
@@ -47,7 +51,7 @@ MODALITIES = ("image", "video", "audio")
 @dataclass
 class FeatureNetConfig:
     modality: str = "image"
-    width: int = 16  # channels of the first conv layer; x2, x4, x4 in the three stride-2 layers after it
+    width: int = 16  # channels of the first conv layer (stride 2); x2 and x4 in the two after it
     feature_dim: int = 128  # the penultimate layer: the feature
     steps: int = 300
     batch_size: int = 64
@@ -55,8 +59,8 @@ class FeatureNetConfig:
     weight_decay: float = 1e-4
     seed: int = 0
     num_threads: int = 1  # torch threads while training: the same count gives the same bits
-    input_shape: list[int] = field(default_factory=list)  # filled from the data: image [3, H, W], video
-    # [3, T, H, W], audio [S]
+    # filled from the training data: image [3, H, W], video [3, T, H, W], audio [S]
+    input_shape: list[int] = field(default_factory=list)
     sample_rate: int = 16000  # audio only
     n_fft: int = 2048  # audio spectrogram: 7.8 Hz bins and 32 ms hops at 16 kHz
     hop: int = 512
