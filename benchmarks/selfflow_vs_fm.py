@@ -7,8 +7,10 @@ prints tokens/s and the model FLOPs utilisation of the student's forward + backw
 
     FLOPs per step = 3 * tokens * (2 * P_matmul + 4 * depth * L * D)
 
-with `P_matmul` the trunk's matrix parameters touched per data token (blocks, projections,
-head; embedders and shared modulation run once per (sample, t) and are left out), `L` the
+with `P_matmul` the trunk's matrix parameters touched per data token (blocks, this modality's
+projections, head; embedders and shared modulation run once per (sample, t), and the double
+blocks' text stream and the other modalities' projections do not run on synthetic latents
+without captions, so they are left out), `L` the
 joint sequence length and `D` the width (attention: `QK^T` and `AV`, 2 FLOPs per MAC), and
 `3x` for forward + backward. The full step (teacher, EMA, optimizer) is in the denominator.
 
@@ -76,8 +78,16 @@ def student_flops(config: str, overrides: list[str]) -> tuple[float, int]:
 
     with torch.device("meta"):
         model = MMDiT(cfg.model)
-    skip = ("time_in", "guidance_in", "y_in", "txt_embedder", "double_stream_modulation", "single_stream_modulation")
-    per_token = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and not n.startswith(skip))
+    from selfflow.backbone.mmdit import input_name, output_name
+
+    skip = ("time_in", "guidance_in", "y_in", "txt_", "double_stream_modulation", "single_stream_modulation")
+    others = [m for m in cfg.model.modalities if m != name]
+    skip += tuple(input_name(m) for m in others) + tuple(f"final_layer.{output_name(m)}" for m in others)
+
+    def runs_per_token(param_name: str) -> bool:
+        return not param_name.startswith(skip) and ".txt_" not in param_name
+
+    per_token = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and runs_per_token(n))
     length = 1
     for g in mix.data.grid:
         length *= g

@@ -1,6 +1,8 @@
 """Config loading: presets, overrides, and errors that name the key and the file."""
 
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import yaml
@@ -8,6 +10,8 @@ import yaml
 from selfflow.backbone.sit import SiTConfig
 from selfflow.config import ConfigError, load_config, save_config
 from selfflow.eval.sample import SampleConfig
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -83,3 +87,42 @@ def test_resolved_config_round_trips(tmp_path):
 def test_presets_load(preset):
     cfg = load_config(SampleConfig, preset, ["vae=/some/vae"])
     assert isinstance(cfg.model, SiTConfig)
+
+
+def preset_class(path: Path) -> type:
+    """The job config class each preset folder feeds."""
+    from selfflow.data.prepare import PrepareConfig
+    from selfflow.data.synth import SynthConfig
+    from selfflow.eval.evaluate import EvalJobConfig
+    from selfflow.training.train import TrainConfig
+
+    folder = path.parent.name
+    if folder == "data":
+        return PrepareConfig if path.name.startswith("prepare") else SynthConfig
+    return {"train": TrainConfig, "eval": EvalJobConfig}[folder]
+
+
+JOB_PRESETS = [p for p in sorted(REPO.glob("configs/*/*.yaml")) if p.parent.name != "sample"]  # sample: above
+
+
+@pytest.mark.parametrize("path", JOB_PRESETS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_preset_loads(path):
+    assert load_config(preset_class(path), path) is not None
+
+
+def test_demo_presets_agree():
+    """The demo's trunk takes exactly the token widths and caption length its prepared data has."""
+    from selfflow.data.prepare import PrepareConfig
+    from selfflow.eval.evaluate import EvalJobConfig
+    from selfflow.training.train import TrainConfig
+
+    prep = load_config(PrepareConfig, REPO / "configs/data/prepare_demo.yaml")
+    train = load_config(TrainConfig, REPO / "configs/train/demo.yaml")
+    job = load_config(EvalJobConfig, REPO / "configs/eval/demo.yaml")
+    channels = {"image": 3, "video": 3, "audio": 1}
+    for name, modality in prep.modalities.items():
+        width = channels[name] * math.prod(modality.patch)  # raw autoencoders: a token is a patch of media
+        assert train.model.modalities[name] == [width, width], name
+        assert train.modalities[name].shards == f"{prep.out_dir}/{name}"
+    assert train.model.text_max_length >= prep.text.max_length
+    assert job.eval.data == prep.out_dir and job.checkpoint.startswith(train.run_dir)

@@ -4,6 +4,7 @@ train -> periodic eval -> export -> eval -> report path, and what lands in MLflo
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -11,9 +12,11 @@ from train_runs import REPO, launch
 
 from selfflow.backbone.mmdit import MMDiTConfig, build_mmdit
 from selfflow.cli import main
-from selfflow.eval.builtin_features import train_feature_net
+from selfflow.eval.builtin_features import attribute_targets, load_feature_net, train_feature_net
 from selfflow.eval.generate import generate, read_eval_set
+from selfflow.eval.probe import fit_logistic, linear_probe
 from selfflow.flow.samplers import SamplerConfig
+from selfflow.training.objective import RepaEncoder
 
 SMALL = ["num_images=24", "num_videos=12", "num_audio=12", "samples_per_shard=8"]
 MODALITIES = ("image", "video", "audio")
@@ -94,6 +97,8 @@ def test_train_eval_report_end_to_end(data, tmp_path):
         "eval.num_samples=4",
         "eval.sampler.num_steps=3",
         "eval.save_media=2",
+        "eval.probe_layer=1",
+        "eval.probe_items=8",
     ]
     shards = [f"modalities.{m}.shards={data / 'lat' / m}" for m in MODALITIES]
     launch(1, run, "steps=3", "save_every=3", *shards, *eval_keys, config=REPO / "configs/train/tiny_synth.yaml")
@@ -106,6 +111,7 @@ def test_train_eval_report_end_to_end(data, tmp_path):
         # decode (wrong axis order, wrong scaling) would fail the signal-processing checks
         assert metrics["caption_accuracy_real"]["overall"] >= 0.9, name
     assert periodic["metrics"]["video"]["fvd"] > 0
+    assert periodic["metrics"]["audio"]["linear_probe"]["test_items"] == 2
     assert set(periodic["weights_sha256"]) >= {"builtin_image", "builtin_video", "builtin_audio", "i3d_kinetics400"}
 
     record = json.loads((run / "mlflow_run.json").read_text())
@@ -135,3 +141,37 @@ def test_train_eval_report_end_to_end(data, tmp_path):
     assert '<audio controls src="media/run_step3_audio_000.wav">' in page
     artifacts = {a.path for a in client.list_artifacts(record["run_id"], "report")}
     assert {"report/report.html", "report/report.md", "report/media"} <= artifacts
+
+
+def test_logistic_probe_separates_what_is_linearly_separable():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 8, generator=gen)
+    w = torch.randn(8, 3, generator=gen)
+    y = (x @ w > 0).float()
+    head = fit_logistic(x, y)
+    assert ((head(x) > 0).float() == y).float().mean() > 0.98
+    noise = (torch.rand(400, 3, generator=gen) > 0.5).float()  # labels unrelated to x
+    held_out = fit_logistic(x[:300], noise[:300])
+    assert ((held_out(x[300:]) > 0).float() == noise[300:]).float().mean() < 0.75
+
+
+def test_linear_probe_reports_against_the_majority_baseline(data):
+    model = tiny_model()
+    first = linear_probe(model, str(data / "lat"), "image", layer=1, items=24)
+    assert first == linear_probe(model, str(data / "lat"), "image", layer=1, items=24)  # deterministic
+    items = read_eval_set(data / "lat", "image", 24)
+    y = torch.from_numpy(np.stack([attribute_targets("image", a) for a in items.attributes]))
+    majority = (y[:18].mean(0) > 0.5).float()  # fit on the first 75%, scored on the rest
+    assert first["majority"] == pytest.approx(float((y[18:] == majority).float().mean()))
+    assert (first["train_items"], first["test_items"]) == (18, 6) and 0 <= first["accuracy"] <= 1
+
+
+def test_repa_targets_from_the_builtin_feature_net(data):
+    """REPA on the built-in data aligns to the image feature net's maps, resized to the token grid."""
+    net = load_feature_net(data / "nets" / "image.safetensors")
+    encoder = RepaEncoder(data / "nets" / "image.safetensors")
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    targets = encoder(images, (16, 16))
+    maps = torch.nn.functional.interpolate(net.spatial(images), size=(16, 16), mode="bilinear")
+    assert targets.shape == (3, 256, encoder.feature_dim) and encoder.feature_dim == maps.shape[1]
+    torch.testing.assert_close(targets, maps.flatten(2).transpose(1, 2))

@@ -242,6 +242,11 @@ class BuiltinFeatureNet(nn.Module):
         return self.encoder(self.maps(batch))
 
     @torch.no_grad()
+    def spatial(self, batch: Tensor) -> Tensor:
+        """(N, 4 * width, H / 4, W / 4) feature maps before pooling (REPA's per-token targets)."""
+        return self.encoder[:-3](self.maps(batch))  # everything up to MeanMaxPool, Linear, GELU
+
+    @torch.no_grad()
     def features(self, batch: Tensor) -> Tensor:
         """(N, feature_dim) float32 features of a batch in [-1, 1], for Frechet distances."""
         return self(batch)

