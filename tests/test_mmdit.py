@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selfflow.backbone.layers import rope_nd
+from selfflow.backbone.layers import modulate, rope_nd
 from selfflow.backbone.mmdit import (
     MMDiT,
     MMDiTConfig,
@@ -423,3 +423,30 @@ def test_activation_checkpointing_gives_identical_gradients():
     for a, b in zip(plain.parameters(), ckpt.parameters(), strict=True):
         assert torch.equal(a.grad, b.grad)
     assert saved["ckpt"] < saved["plain"] / 2  # activations are recomputed, not kept
+
+
+def test_joint_sequence_of_two_modalities_uses_each_projection():
+    """`modality=("video", "action")`: the same trunk over the concatenated tokens, each part through
+    its own input and output projection; equal to running the trunk on hand-concatenated embeddings."""
+    cfg = tiny(modalities={"video": [6, 6], "action": [7, 7]}, context_dim=0)
+    model = randomised(cfg)
+    g = torch.Generator().manual_seed(3)
+    frames, actions = torch.randn(B, 8, 6, generator=g), torch.randn(B, 3, 7, generator=g)
+    ids = torch.zeros(B, 11, 4, dtype=torch.long)
+    ids[:, :8, 0], ids[:, :8, 1] = torch.arange(8) // 4, torch.arange(8) % 4  # frames (t, h, 0, 0)
+    ids[:, 8:, 0] = torch.arange(3) + 1  # actions (step, 0, 0, 0)
+    t = torch.cat((torch.zeros(B, 8), torch.rand(B, 3, generator=g)), dim=1)  # observed frames at t = 0
+    with torch.no_grad():
+        v_frames, v_actions = model((frames, actions), t, ids, modality=("video", "action"))
+        # reference: embed by hand, run the blocks, split, project by hand
+        img = torch.cat((model.vid_in(frames), model.act_in(actions)), dim=1)
+        pos = Positions(rope_nd(ids, tuple(cfg.axes_dim), cfg.theta), None)
+        cond = model._conditioning(t, 0, None, None)
+        h, _ = model._blocks(img, None, pos, cond, last=cfg.depth, tap=0)
+        shift, scale = cond.img_rows.modulation(model.final_layer.adaLN_modulation, cond.vec, 2, group=2)
+        out = modulate(h, shift, scale)
+    assert v_frames.shape == (B, 8, 6) and v_actions.shape == (B, 3, 7)
+    torch.testing.assert_close(v_frames, model.final_layer.vid_linear(out[:, :8]))
+    torch.testing.assert_close(v_actions, model.final_layer.act_linear(out[:, 8:]))
+    with pytest.raises(ValueError, match="one token tensor per modality"):
+        model((frames,), t, ids, modality=("video", "action"))

@@ -288,8 +288,13 @@ class LastLayer(nn.Module):
             self.add_module(output_name(name), nn.Linear(dim, out_dim, bias=False))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim, bias=False))
 
-    def forward(self, x: Tensor, shift: Tensor, scale: Tensor, modality: str) -> Tensor:
-        return getattr(self, output_name(modality))(modulate(x, shift, scale))
+    def forward(self, x: Tensor, shift: Tensor, scale: Tensor, modality: "str | tuple[str, ...]", lengths=None):
+        """One modality: `(B, L, out)`; several (a joint sequence): a tuple, split by `lengths`."""
+        x = modulate(x, shift, scale)
+        if isinstance(modality, str):
+            return getattr(self, output_name(modality))(x)
+        parts = x.split(lengths, dim=1)
+        return tuple(getattr(self, output_name(m))(part) for m, part in zip(modality, parts, strict=True))
 
 
 class Projector(nn.Module):
@@ -381,14 +386,18 @@ class MMDiT(nn.Module):
             nn.init.zeros_(getattr(self.final_layer, output_name(name)).weight)
 
     # ----------------------------------------------------------------------------------------
-    def _check(self, x: Tensor, t: Tensor, ids, txt, txt_ids, txt_mask, y, modality: str, guidance) -> None:
+    def _check(self, x, t: Tensor, ids, txt, txt_ids, txt_mask, y, modality, guidance) -> None:
         cfg = self.cfg
-        if modality not in cfg.modalities:
-            raise ValueError(f"modality {modality!r} is not configured; cfg.modalities has {sorted(cfg.modalities)}")
-        in_dim = cfg.modalities[modality][0]
-        if x.ndim != 3 or x.shape[-1] != in_dim:
-            raise ValueError(f"x must be (B, L, {in_dim}) tokens for {modality!r}, got {tuple(x.shape)}")
-        B, L = x.shape[:2]
+        names, parts = ((modality,), (x,)) if isinstance(modality, str) else (tuple(modality), tuple(x))
+        if len(names) != len(parts) or not names:
+            raise ValueError(f"a joint sequence needs one token tensor per modality, got {len(parts)} for {names}")
+        for name, part in zip(names, parts, strict=True):
+            if name not in cfg.modalities:
+                raise ValueError(f"modality {name!r} is not configured; cfg.modalities has {sorted(cfg.modalities)}")
+            in_dim = cfg.modalities[name][0]
+            if part.ndim != 3 or part.shape[-1] != in_dim or part.shape[0] != parts[0].shape[0]:
+                raise ValueError(f"x must be (B, L, {in_dim}) tokens for {name!r}, got {tuple(part.shape)}")
+        B, L = parts[0].shape[0], sum(part.shape[1] for part in parts)
         if t.shape not in ((B,), (B, L)):
             raise ValueError(f"t must be ({B},) or ({B}, {L}), got {tuple(t.shape)}")
         if ids is None or ids.shape != (B, L, 4):
@@ -438,7 +447,10 @@ class MMDiT(nn.Module):
     def _embed(self, x, t, ids, txt, txt_ids, txt_mask, y, modality, guidance):
         """Input projections, joint RoPE table and key mask (text first) and per-row conditioning."""
         self._check(x, t, ids, txt, txt_ids, txt_mask, y, modality, guidance)
-        img = getattr(self, input_name(modality))(x)  # (B, L, D)
+        if isinstance(modality, str):
+            img = getattr(self, input_name(modality))(x)  # (B, L, D)
+        else:  # a joint sequence, e.g. (video, action): each part through its own input projection
+            img = torch.cat([getattr(self, input_name(m))(part) for m, part in zip(modality, x, strict=True)], dim=1)
         if txt is None:
             pos = ids
         else:
@@ -477,9 +489,10 @@ class MMDiT(nn.Module):
             tapped = x[:, n_txt:] if i == tap else tapped
         return x[:, n_txt:], tapped
 
-    def _head(self, h: Tensor, cond: Conditioning, modality: str) -> Tensor:
+    def _head(self, h: Tensor, cond: Conditioning, modality, x) -> "Tensor | tuple[Tensor, ...]":
         shift, scale = cond.img_rows.modulation(self.final_layer.adaLN_modulation, cond.vec, 2, group=2)
-        return self.final_layer(h, shift, scale, modality)
+        lengths = None if isinstance(modality, str) else [part.shape[1] for part in x]
+        return self.final_layer(h, shift, scale, modality, lengths)
 
     def _check_layer(self, layer: int) -> None:
         if not 1 <= layer <= self.cfg.depth:
@@ -503,10 +516,15 @@ class MMDiT(nn.Module):
         ids `(B, L, 4)` position ids (required); txt `(B, L_txt, context_dim)` features or `(B, L_txt)`
         token ids (with cfg.text_vocab); txt_ids default `(0, 0, 0, i)`; txt_mask `(B, L_txt)` bool,
         False on padding; y `(B,)` class ids (None: null class); guidance `(B,)` if cfg.guidance_embed.
+
+        A joint sequence of several modalities (video frames and an action chunk for video-action
+        prediction) is `modality=("video", "action")` with `x` a tuple of their tokens: each part
+        goes through its own input and output projection, `ids` and a per-token `t` `(B, L)` cover
+        the concatenation, and the velocity comes back as a tuple in the same order.
         """
         img, txt, pos, cond = self._embed(x, t, ids, txt, txt_ids, txt_mask, y, modality, guidance)
         h, _ = self._blocks(img, txt, pos, cond, last=self.cfg.depth, tap=0)
-        return self._head(h, cond, modality)
+        return self._head(h, cond, modality, x)
 
     def forward_with_features(
         self, x, t, ids=None, txt=None, txt_ids=None, y=None, *, txt_mask=None, modality="image", guidance=None, layer
@@ -520,7 +538,7 @@ class MMDiT(nn.Module):
             raise ValueError("forward_with_features needs a projector: cfg.projector_dim is 0")
         img, txt, pos, cond = self._embed(x, t, ids, txt, txt_ids, txt_mask, y, modality, guidance)
         h, tapped = self._blocks(img, txt, pos, cond, last=self.cfg.depth, tap=layer)
-        return MMDiTFeatures(self._head(h, cond, modality), self.projector(tapped))
+        return MMDiTFeatures(self._head(h, cond, modality, x), self.projector(tapped))
 
     def hidden_states(
         self, x, t, ids=None, txt=None, txt_ids=None, y=None, *, txt_mask=None, modality="image", guidance=None, layer
