@@ -46,6 +46,18 @@ def _job_config(job: str) -> type:
         from selfflow.eval.report import ReportConfig
 
         return ReportConfig
+    if job == "robotics convert":
+        from selfflow.robotics.convert import ConvertConfig
+
+        return ConvertConfig
+    if job == "robotics finetune":
+        from selfflow.robotics.finetune import FinetuneConfig
+
+        return FinetuneConfig
+    if job == "robotics eval-simpler":
+        from selfflow.robotics.agent import EvalSimplerConfig
+
+        return EvalSimplerConfig
     from selfflow.training.train import TrainConfig
 
     return TrainConfig
@@ -98,6 +110,35 @@ DESCRIPTIONS = {
 }
 
 
+ROBOTICS = {
+    "convert": (
+        "RT-1 RLDS TFRecord episodes -> webdataset clip shards plus action statistics",
+        "Read Open X-Embodiment fractal20220817_data TFRecords without TensorFlow (CRC-checked framing,\n"
+        "tf.train.Example parsed with protobuf) and write clip shards (context frames, future frames,\n"
+        "action chunk, instruction) to out_dir with stats.json and summary.json. Corrupt records are\n"
+        "skipped and counted.",
+    ),
+    "finetune": (
+        "video-action finetuning of a pretrained trunk on converted clips",
+        "Load a `selfflow export` (missing action projections initialised, the load report printed) and\n"
+        "train frames + action chunks jointly: observed frames at t = 0, future frames and actions with\n"
+        "their own timesteps, Self-Flow's masking and representation loss by config, through DeepSpeed\n"
+        "with EMA, checkpoints and MLflow like `selfflow train`.",
+    ),
+    "eval-simpler": (
+        "evaluate a finetuned trunk as a policy in the SIMPLER Google-robot tasks",
+        "Check that simpler_env imports and a Vulkan GPU exists (exit 2 with a plain message if not), then\n"
+        "run the tasks (Move Near, open top drawer and place apple; all Google-robot tasks by option) with\n"
+        "visual-matching settings, writing per-episode JSON, an mp4 per episode and success rates.",
+    ),
+}
+
+
+def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML preset (see configs/); defaults fill the keys it leaves out")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. seed=1")
+
+
 def build_parser(selected: str | None) -> argparse.ArgumentParser:
     """All verbs; the config-key listing is built only for the verb being run (its `--help`)."""
     parser = argparse.ArgumentParser(prog="selfflow", description="Self-Flow: self-supervised flow matching.")
@@ -110,13 +151,25 @@ def build_parser(selected: str | None) -> argparse.ArgumentParser:
             epilog=_keys_epilog(_job_config(job)) if job == selected else None,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        job_parser.add_argument("--config", help="YAML preset (see configs/); defaults fill the keys it leaves out")
-        job_parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. seed=1")
+        _add_job_arguments(job_parser)
         if job == "train":
             job_parser.add_argument(
                 "--resume", action="store_true", help="require a checkpoint in run_dir to continue from (error if none)"
             )
             job_parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed
+    robotics = sub.add_parser("robotics", help="RT-1 conversion, video-action finetuning, SIMPLER evaluation")
+    robotics_sub = robotics.add_subparsers(dest="robotics_job", required=True)
+    for job, (help_text, description) in ROBOTICS.items():
+        job_parser = robotics_sub.add_parser(
+            job,
+            help=help_text,
+            description=description,
+            epilog=_keys_epilog(_job_config(f"robotics {job}")) if selected == f"robotics {job}" else None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _add_job_arguments(job_parser)
+        if job == "finetune":
+            job_parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     exp = sub.add_parser(
         "export",
         help="write a run's EMA (and student) weights as one safetensors file plus the model config",
@@ -131,12 +184,32 @@ def build_parser(selected: str | None) -> argparse.ArgumentParser:
     return parser
 
 
-def run_job(args: argparse.Namespace) -> None:
+def run_robotics(args: argparse.Namespace) -> int:
+    cfg = load_config(_job_config(f"robotics {args.robotics_job}"), args.config, args.overrides)
+    if args.robotics_job == "convert":
+        from selfflow.robotics.convert import convert
+
+        summary = convert(cfg)
+        print(f"wrote {summary['clips_written']} clips to {cfg.out_dir} ({cfg.out_dir}/summary.json)")
+        return 0
+    if args.robotics_job == "finetune":
+        from selfflow.robotics.finetune import finetune
+
+        print(f"finetuned into {finetune(cfg)}")
+        return 0
+    from selfflow.robotics.agent import eval_simpler
+
+    return eval_simpler(cfg)
+
+
+def run_job(args: argparse.Namespace) -> int:
+    if args.job == "robotics":
+        return run_robotics(args)
     if args.job == "export":
         from selfflow.training.export import export
 
         print(f"wrote {export(args.run, args.out, args.checkpoint, args.student)}")
-        return
+        return 0
     cfg = load_config(_job_config(args.job), args.config, args.overrides)
     if args.job == "synth":
         from selfflow.data.synth import synth
@@ -167,18 +240,19 @@ def run_job(args: argparse.Namespace) -> None:
         if args.resume and not checkpoints.candidates(cfg.run_dir):
             raise FileNotFoundError(f"--resume: no complete checkpoint in {checkpoints.checkpoint_root(cfg.run_dir)}")
         train(cfg)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv[0] if argv else None).parse_args(argv)
+    selected = " ".join(argv[:2]) if argv[:1] == ["robotics"] else (argv[0] if argv else None)
+    args = build_parser(selected).parse_args(argv)
     try:
-        run_job(args)
+        return run_job(args)
     except (ConfigError, FileNotFoundError, ValueError, ArithmeticError) as err:
         # ArithmeticError: a non-finite training loss (NonFiniteLossError names step, modality and term)
         print(f"selfflow {args.job}: error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -16,9 +16,19 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from selfflow.backbone.checkpoint import load_export  # noqa: F401  (re-exported: the reader of what export writes)
+from selfflow.backbone.mmdit import MMDiTConfig
 from selfflow.config import load_config
 from selfflow.training import checkpoints
 from selfflow.training.engine import consolidated_student
+
+
+def run_model_config(path: Path) -> MMDiTConfig:
+    """The `model` section of a run's saved config, checked like any config file."""
+    section = (yaml.safe_load(path.read_text()) or {}).get("model")
+    if not isinstance(section, dict):
+        raise ValueError(f"{path} has no model section")
+    overrides = [f"{key}={json.dumps(value)}" for key, value in section.items()]
+    return load_config(MMDiTConfig, None, overrides)
 
 
 def export(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None, student: bool = False) -> Path:
@@ -30,19 +40,18 @@ def export(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None =
     issues = checkpoints.problems(folder)
     if issues:
         raise ValueError(f"checkpoint {folder} is not usable: {'; '.join(issues)}")
-    from selfflow.training.train import TrainConfig  # the run's own resolved config
-
-    cfg = load_config(TrainConfig, folder / "config.yaml")
+    # the run's own resolved model config (pretraining and robotics finetuning runs both hold `model`)
+    model_cfg = run_model_config(folder / "config.yaml")
     meta = {
         "format": "selfflow-export-1",
-        "model_config": json.dumps(asdict(cfg.model)),
+        "model_config": json.dumps(asdict(model_cfg)),
         "step": str(checkpoints.read_state(folder)["step"]),
         "source": str(folder),
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(load_file(str(folder / "ema.safetensors")), str(out), metadata={**meta, "weights": "ema"})
-    out.with_suffix(".yaml").write_text(yaml.safe_dump(asdict(cfg.model), sort_keys=False))
+    out.with_suffix(".yaml").write_text(yaml.safe_dump(asdict(model_cfg), sort_keys=False))
     if student:
         path = out.with_name(out.stem + ".student.safetensors")
         save_file(consolidated_student(folder), str(path), metadata={**meta, "weights": "student"})
