@@ -97,6 +97,12 @@ def preset_class(path: Path) -> type:
     from selfflow.training.train import TrainConfig
 
     folder = path.parent.name
+    if folder == "robotics":
+        from selfflow.robotics.agent import EvalSimplerConfig
+        from selfflow.robotics.convert import ConvertConfig
+        from selfflow.robotics.finetune import FinetuneConfig
+
+        return {"rt1": ConvertConfig, "finetune": FinetuneConfig, "simpler": EvalSimplerConfig}[path.stem.split("_")[0]]
     if folder == "data":
         return PrepareConfig if path.name.startswith("prepare") else SynthConfig
     return {"train": TrainConfig, "eval": EvalJobConfig}[folder]

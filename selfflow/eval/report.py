@@ -1,8 +1,9 @@
 """`selfflow report`: one HTML page and one Markdown file from one or more runs and evaluations.
 
 Each entry of `runs` is a training run folder (its `metrics.jsonl` gives loss curves, its
-`evals/*/eval.json` the periodic and final evaluations) or an evaluation folder holding an
-`eval.json`. The report has, per modality, a table of the latest evaluation of every run (every
+`evals/*/eval.json` the periodic and final evaluations), an evaluation folder holding an
+`eval.json`, or a robot-policy evaluation folder holding a `results.json` (success rates per task).
+The report has, per modality, a table of the latest evaluation of every run (every
 metric, plus caption-following accuracy per attribute), loss curves and metric-vs-step plots
 (matplotlib PNGs), and the samples: image grids, videos (GIF) and audio players, with their
 captions. Media are copied next to the report so the folder can be moved or attached as a whole.
@@ -56,6 +57,7 @@ class Run:
     folder: Path
     losses: list[dict]  # metrics.jsonl rows
     evals: list[tuple[Path, dict]]  # (folder, eval.json) sorted by step
+    robot: dict | None = None  # results.json of a robot-policy evaluation (`selfflow robotics eval-simpler`)
 
 
 def load_run(path: str | Path) -> Run:
@@ -69,9 +71,12 @@ def load_run(path: str | Path) -> Run:
     evals = [(p.parent, json.loads(p.read_text())) for p in found]
     # by step; at equal steps a final evaluation (not a periodic `step_*` one) comes last, as the latest
     evals.sort(key=lambda e: (e[1].get("step", -1), not e[0].name.startswith("step_")))
-    if not losses and not evals:
-        raise FileNotFoundError(f"report: {folder} has neither metrics.jsonl nor eval.json / evals/*/eval.json")
-    return Run(folder.name, folder, losses, evals)
+    robot = json.loads((folder / "results.json").read_text()) if (folder / "results.json").is_file() else None
+    if not losses and not evals and robot is None:
+        raise FileNotFoundError(
+            f"report: {folder} has none of metrics.jsonl, eval.json, evals/*/eval.json, results.json"
+        )
+    return Run(folder.name, folder, losses, evals, robot)
 
 
 def write_report(cfg: ReportConfig) -> Path:
@@ -90,6 +95,9 @@ def write_report(cfg: ReportConfig) -> Path:
         plots = [p for p in [plot_metric_vs_step(modality, runs, out)] if p]
         samples = [copy_samples(modality, r, folder, result, out) for r, (folder, result) in latest]
         sections.append(Section(modality, plots, tables, samples))
+    robot = [r for r in runs if r.robot]
+    if robot:
+        sections.append(Section("robot tasks (success rate)", [], [robot_table(robot)], []))
     html_path = out / "report.html"
     html_path.write_text(render_html(cfg.title, runs, sections))
     (out / "report.md").write_text(render_markdown(cfg.title, runs, sections))
@@ -119,6 +127,16 @@ def attribute_table(modality: str, latest) -> tuple[list[str], list[list[str]]]:
     rows = [(r.name, result["metrics"][modality]["caption_accuracy"]["per_attribute"]) for r, (_, result) in latest]
     keys = list(dict.fromkeys(k for _, values in rows for k in values))
     return ["run (caption accuracy per attribute)", *keys], [[n] + [fmt(v.get(k)) for k in keys] for n, v in rows]
+
+
+def robot_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    rows = []
+    for run in runs:
+        for task, row in run.robot["tasks"].items():
+            rate = f"{100 * row['success_rate']:.1f}%"
+            rows.append([run.name, task, str(row["episodes"]), str(row["successes"]), rate])
+        rows.append([run.name, "mean", "", "", f"{100 * run.robot['mean_success_rate']:.1f}%"])
+    return ["run", "task", "episodes", "successes", "success rate"], rows
 
 
 def fmt(value) -> str:

@@ -1,9 +1,9 @@
 """`selfflow robotics finetune`: video-action finetuning of a pretrained trunk on converted robot clips.
 
-Starts from a `selfflow export` file (or none, for tests): every parameter of matching name and
-shape is loaded, the ones the pretrained model lacks (the action modality's input and output
-projections, or a video projection of another patch size) keep their fresh initialisation, and
-the load report (missing / unexpected keys) is printed. Training reuses the pretraining helpers:
+Starts from a `selfflow export` file (or none): every parameter the pretrained model has is
+loaded (a shape mismatch is an error naming the key: the trunk must match), the ones it lacks
+(the action modality's input and output projections) keep their fresh initialisation, and the
+load report (missing / unexpected keys) is printed. Training reuses the pretraining helpers:
 the DeepSpeed engine, the ZeRO-aware EMA teacher, run-folder checkpoints with exact resume, MLflow
 tracking and `metrics.jsonl`; only the batch (`clips.ClipStream`) and the loss
 (`video_action.video_action_loss`) differ.

@@ -1,0 +1,141 @@
+"""The robotics stage end to end on this machine: episodes in the real RT-1 on-disk format ->
+`selfflow robotics convert` -> finetune a tiny pretrained trunk for a few steps -> the finetuned
+trunk as a policy in a small environment with SIMPLER's API -> success rates in the report."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from train_runs import REPO, launch
+
+from selfflow.backbone.checkpoint import load_export
+from selfflow.cli import main
+from selfflow.config import load_config
+from selfflow.robotics.agent import EvalSimplerConfig, make_policy
+from selfflow.robotics.clips import ClipDataConfig, ClipStream
+from selfflow.robotics.finetune import FinetuneConfig, init_model
+from selfflow.robotics.policy import PolicyConfig
+from selfflow.robotics.rt1 import Episode, write_episode_record, write_tfrecord
+from selfflow.robotics.simpler import SimplerConfig, run_simpler
+
+STEPS = 8
+
+
+def jpeg(colour) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 32), colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def episode(i: int) -> Episode:
+    rng = np.random.default_rng(i)
+    terminate = np.zeros((STEPS, 3), np.float32)
+    terminate[:, 1] = 1
+    return Episode(
+        frames=[jpeg((20 * t, 100, 40 * i)) for t in range(STEPS)],
+        instruction=f"move the can {i}",
+        actions={
+            "world_vector": rng.normal(0, 0.05, (STEPS, 3)).astype(np.float32),
+            "rotation_delta": rng.normal(0, 0.02, (STEPS, 3)).astype(np.float32),
+            "gripper_closedness_action": rng.uniform(-1, 1, (STEPS, 1)).astype(np.float32),
+            "terminate_episode": terminate,
+        },
+        is_first=np.arange(STEPS) == 0,
+        is_last=np.arange(STEPS) == STEPS - 1,
+        is_terminal=np.arange(STEPS) == STEPS - 1,
+        metadata={"aspects/success": i != 2},
+    )
+
+
+class ReachEnv:
+    """SIMPLER's environment API in miniature: the end effector integrates world_vector; success when
+    it ends within `radius` of the target."""
+
+    def __init__(self, radius: float):
+        self.radius = radius
+
+    def reset(self, options=None, seed=None):
+        self.pos, self.t = np.zeros(3), 0
+        return self.obs(), {}
+
+    def obs(self):
+        return {"image": np.full((32, 40, 3), 10 * self.t % 255, np.uint8)}
+
+    def get_language_instruction(self):
+        return "move the can 0"
+
+    def step(self, action):
+        assert np.asarray(action).shape == (7,)
+        self.pos, self.t = self.pos + np.asarray(action[:3]), self.t + 1
+        success = bool(np.linalg.norm(self.pos - np.array([0.01, 0.0, 0.0])) < self.radius)
+        return self.obs(), 0.0, False, self.t >= 4, {"success": success}
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rt1")
+    write_tfrecord(root / "fractal.tfrecord-00000-of-00001", [write_episode_record(episode(i)) for i in range(3)])
+    args = [f"input={root}", f"out_dir={root / 'clips'}", "future_frames=2", "action_horizon=2", "success_only=true"]
+    assert main(["robotics", "convert", "--config", str(REPO / "configs/robotics/rt1_convert.yaml"), *args]) == 0
+    return root / "clips"
+
+
+def test_convert_keeps_successful_episodes_as_clips(clips):
+    summary = json.loads((clips / "summary.json").read_text())
+    # 2 successful episodes of 8 steps; anchors t = 0 .. 8 - 1 - 2 with one context frame
+    assert summary["episodes_kept"] == 2 and summary["clips_written"] == 2 * (STEPS - 2)
+    stream = ClipStream(ClipDataConfig(shards=str(clips)), FinetuneConfig().model, batch_size=3, seed=0)
+    clip = stream.next_batch()
+    assert clip.context.shape == (3, 20, 192) and clip.future.shape == (3, 40, 192) and clip.actions.shape == (3, 2, 7)
+    assert clip.ids_actions[0, :, 0].tolist() == [0, 1]  # action k after observing frame 0 + k
+
+
+def test_finetune_from_a_pretrained_export_then_act_in_an_environment(clips, tmp_path):
+    pretrain = tmp_path / "pretrain"
+    video = ["model.modalities.video=[192,192]", "modalities.video.data.channels=192"]
+    launch(1, pretrain, "steps=2", "save_every=2", "tracking.enabled=false", *video)
+    export = tmp_path / "pretrained.safetensors"
+    assert main(["export", "--run", str(pretrain), "--out", str(export)]) == 0
+
+    # every pretrained tensor is loaded; only the action projections start fresh
+    preset = REPO / "configs/robotics/finetune_tiny.yaml"
+    cfg = load_config(FinetuneConfig, preset, [f"init={export}", f"data.shards={clips}"])
+    model, pretrained = init_model(cfg), load_file(str(export))
+    own = model.state_dict()
+    assert set(own) - set(pretrained) == {"act_in.weight", "final_layer.act_linear.weight"}
+    assert all(torch.equal(own[k], v) for k, v in pretrained.items())
+
+    run = tmp_path / "robot"
+    overrides = [f"init={export}", f"data.shards={clips}", f"run_dir={run}", "steps=3", "save_every=3"]
+    assert main(["robotics", "finetune", "--config", str(preset), *overrides]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) and r["rep"] != 0 for r in rows)
+    finetuned = tmp_path / "robot.safetensors"
+    assert main(["export", "--run", str(run), "--out", str(finetuned)]) == 0
+    assert "act_in.weight" in load_export(finetuned)[0].state_dict()
+
+    policy = make_policy(
+        EvalSimplerConfig(
+            checkpoint=str(finetuned),
+            data=ClipDataConfig(shards=str(clips)),
+            future_frames=2,
+            sampling_steps=2,
+            policy=PolicyConfig(action_horizon=2, image_size=(32, 40)),
+            device="cpu",
+        )
+    )
+    out = tmp_path / "simpler"
+    cfg = SimplerConfig(tasks=("reach_near", "reach_far"), episodes_per_task=2, max_steps=6, out_dir=str(out))
+    radius = {"reach_near": 1e3, "reach_far": 1e-9}  # any action succeeds near, none far
+    results = run_simpler(policy, cfg, make_env=lambda task: ReachEnv(radius[task]), image_fn=lambda env, o: o["image"])
+    assert results["tasks"]["reach_near"]["success_rate"] == 1 and results["tasks"]["reach_far"]["success_rate"] == 0
+    assert policy.sampler.calls > 0 and (out / "reach_near").is_dir()
+
+    report = tmp_path / "report"
+    assert main(["report", f"runs=[{out}]", f"out_dir={report}", "mlflow=false"]) == 0
+    markdown = (report / "report.md").read_text()
+    assert "| simpler | reach_near | 2 | 2 | 100.0% |" in markdown and "| simpler | mean |  |  | 50.0% |" in markdown
