@@ -12,6 +12,7 @@ config next to its outputs.
 
 import argparse
 import sys
+from pathlib import Path
 
 from selfflow.config import ConfigError, config_keys, load_config
 
@@ -228,6 +229,10 @@ def run_job(args: argparse.Namespace) -> int:
     elif args.job == "eval":
         from selfflow.eval.evaluate import run_eval
 
+        if Path(cfg.checkpoint).is_dir():  # a run folder: export its latest complete checkpoint first
+            from selfflow.training.export import export
+
+            cfg.checkpoint = str(export(cfg.checkpoint, Path(cfg.out_dir) / "export" / "ema.safetensors"))
         print(f"wrote {run_eval(cfg)}")
     elif args.job == "report":
         from selfflow.eval.report import write_report

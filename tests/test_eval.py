@@ -130,6 +130,11 @@ def test_train_eval_report_end_to_end(data, tmp_path):
     for name in MODALITIES:
         assert final["metrics"][name]["fd_builtin"] == pytest.approx(periodic["metrics"][name]["fd_builtin"], rel=1e-4)
     assert (out / "samples" / "image_grid.png").is_file() and (out / "samples" / "video_001.gif").is_file()
+    # a run folder instead of an export: its latest checkpoint is exported first, same weights
+    from_run = tmp_path / "from_run"
+    assert main(["eval", f"checkpoint={run}", f"out_dir={from_run}", *job[2:], "eval.modalities=[image]"]) == 0
+    again = json.loads((from_run / "eval.json").read_text())["metrics"]["image"]["fd_builtin"]
+    assert again == pytest.approx(final["metrics"]["image"]["fd_builtin"], rel=1e-6)
 
     report = tmp_path / "report"
     assert main(["report", f"runs=[{run},{out}]", f"out_dir={report}"]) == 0

@@ -77,7 +77,7 @@ class EvalConfig:
 
 @dataclass
 class EvalJobConfig:
-    checkpoint: str = "runs/demo/export/ema.safetensors"  # a `selfflow export` file
+    checkpoint: str = "runs/demo/export/ema.safetensors"  # a `selfflow export` file, or a run folder (CLI)
     out_dir: str = "runs/demo/evals/final"
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
     eval: EvalConfig = field(default_factory=EvalConfig)
