@@ -44,8 +44,9 @@ class EvalSet(NamedTuple):
     keys: list[str]
 
 
-def read_eval_set(data_dir: str | Path, modality: str, count: int) -> EvalSet:
-    """The first `count` items of `data_dir/<modality>/*.tar` (all with the first item's token shape)."""
+def read_eval_set(data_dir: str | Path, modality: str, count: int, allow_fewer: bool = False) -> EvalSet:
+    """The first `count` items of `data_dir/<modality>/*.tar` (all with the first item's token shape);
+    with `allow_fewer`, all of them when there are fewer."""
     samples, metas = [], []
     for shard in shard_list(str(Path(data_dir) / modality)):
         for raw in read_shard(shard, {"latent.pth", "text.pth", "json", "txt"}):
@@ -59,7 +60,7 @@ def read_eval_set(data_dir: str | Path, modality: str, count: int) -> EvalSet:
                 break
         if len(samples) == count:
             break
-    if len(samples) < count:
+    if len(samples) < count and not (allow_fewer and samples):
         raise ValueError(f"{data_dir}/{modality}: asked for {count} evaluation items, found {len(samples)}")
     if "latent_shape" not in metas[0]:
         raise ValueError(f"{data_dir}/{modality}: item {samples[0]['key']} has no latent_shape in its json")

@@ -53,8 +53,9 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, steps: int = 300, weight_deca
 def linear_probe(
     model: MMDiT, data: str, modality: str, layer: int, items: int = 512, t: float = 0.0, seed: int = 0
 ) -> dict:
-    """Held-out mean per-label accuracy of a linear probe on block-`layer` features."""
-    evalset = read_eval_set(data, modality, items)
+    """Held-out mean per-label accuracy of a linear probe on block-`layer` features (on the first
+    `items` items, or all of them when the modality has fewer)."""
+    evalset = read_eval_set(data, modality, items, allow_fewer=True)
     targets = torch.from_numpy(np.stack([attribute_targets(modality, a) for a in evalset.attributes]))
     feats = probe_features(model.eval(), evalset.x0, evalset.ids, modality, layer, t, seed)
     split = int(0.75 * len(feats))
