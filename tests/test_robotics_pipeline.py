@@ -4,6 +4,7 @@ trunk as a policy in a small environment with SIMPLER's API -> success rates in 
 
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -111,7 +112,10 @@ def test_finetune_from_a_pretrained_export_then_act_in_an_environment(clips, tmp
 
     run = tmp_path / "robot"
     overrides = [f"init={export}", f"data.shards={clips}", f"run_dir={run}", "steps=3", "save_every=3"]
+    dist_env = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: os.environ.get(k) for k in dist_env}
     assert main(["robotics", "finetune", "--config", str(preset), *overrides]) == 0
+    assert {k: os.environ.get(k) for k in dist_env} == env  # no RANK / MASTER_PORT left for later jobs
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) and r["rep"] != 0 for r in rows)
     finetuned = tmp_path / "robot.safetensors"

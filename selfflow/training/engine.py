@@ -107,6 +107,9 @@ class DistInfo:
     device: torch.device
 
 
+_ADDED_ENV: set[str] = set()  # variables init_distributed put into os.environ
+
+
 def init_distributed() -> DistInfo:
     """Join (or, alone, create) the process group: NCCL on GPUs, gloo on CPUs.
 
@@ -114,6 +117,7 @@ def init_distributed() -> DistInfo:
     torchrun would), and as a single plain process.
     """
     env = os.environ
+    before = set(env)
     if "RANK" not in env and "SLURM_PROCID" in env:
         env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env["SLURM_LOCALID"])
     if "RANK" not in env:
@@ -122,6 +126,8 @@ def init_distributed() -> DistInfo:
     env.setdefault("MASTER_PORT", str(_free_port()))
     if not dist.is_initialized():
         deepspeed.init_distributed(verbose=False)
+    # forgotten again by `shutdown`, so a later job (or child process) of this process starts clean
+    _ADDED_ENV.update(set(env) - before)
     local = int(env.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
@@ -151,6 +157,9 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+    for name in _ADDED_ENV:
+        os.environ.pop(name, None)
+    _ADDED_ENV.clear()
 
 
 # --------------------------------------------------------------------------------------------
