@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from selfflow.backbone.mmdit import MMDiT
 from selfflow.eval.builtin_features import attribute_targets
 from selfflow.eval.generate import read_eval_set
+from selfflow.flow.paths import interpolate
 
 
 @torch.no_grad()
@@ -27,8 +28,8 @@ def probe_features(model: MMDiT, x0, ids, modality: str, layer: int, t: float, s
     gen = torch.Generator().manual_seed(seed)
     out = []
     for x, pos in zip(x0.split(64), ids.split(64), strict=True):
-        noisy = (1 - t) * x + t * torch.randn(x.shape, generator=gen)
         tt = torch.full((len(x),), t)
+        noisy = interpolate(x, torch.randn(x.shape, generator=gen), tt)
         h = model.hidden_states(noisy.to(device), tt.to(device), pos.to(device), layer=layer, modality=modality)
         out.append(h.float().mean(dim=1).cpu())
     return torch.cat(out)

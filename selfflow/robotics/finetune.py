@@ -11,7 +11,6 @@ tracking and `metrics.jsonl`; only the batch (`clips.ClipStream`) and the loss
     selfflow robotics finetune --config configs/robotics/tiny.yaml init=runs/demo/export/ema.safetensors
 """
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,16 @@ from selfflow.robotics.video_action import VideoActionConfig, video_action_loss
 from selfflow.training.engine import DeepSpeedConfig, EMATeacher, Engine, fresh_copy, init_distributed, shutdown
 from selfflow.training.objective import ObjectiveConfig
 from selfflow.training.tracking import Tracker, TrackingConfig
-from selfflow.training.train import EMAConfig, NonFiniteLossError, TrainState, ema_decay, resume, save
+from selfflow.training.train import (
+    EMAConfig,
+    NonFiniteLossError,
+    TrainState,
+    append_jsonl,
+    ema_decay,
+    non_finite,
+    resume,
+    save,
+)
 
 
 def robot_model() -> MMDiTConfig:
@@ -120,8 +128,7 @@ def _finetune(cfg: FinetuneConfig, info, run_dir: Path) -> None:
             state.step, state.data_position["clips"] = step + 1, clips.position
             metrics["step_time"] = time.perf_counter() - start
             if info.rank == 0:
-                with (run_dir / "metrics.jsonl").open("a") as f:
-                    f.write(json.dumps({"step": state.step, **metrics}) + "\n")
+                append_jsonl(run_dir / "metrics.jsonl", {"step": state.step, **metrics})
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", fm=f"{metrics['fm']:.4f}", rep=f"{metrics['rep']:.3f}")
             if state.step % cfg.log_every == 0:
                 tracker.log_metrics(metrics, state.step)
@@ -152,9 +159,9 @@ def finetune_step(cfg: FinetuneConfig, engine: Engine, ema: EMATeacher, clips: C
 
     gen = torch.Generator().manual_seed(mix_seed(cfg.seed, step, info.rank))
     terms = video_action_loss(cfg.objective, cfg.video_action, clip, student, teacher, gen)
-    for name in ("fm", "rep", "total"):
-        if not torch.isfinite(getattr(terms, name)):
-            raise NonFiniteLossError(f"step {step + 1}, robot clips: loss term {name} is not finite")
+    bad = non_finite(terms)
+    if bad:
+        raise NonFiniteLossError(f"step {step + 1}, robot clips: loss term {bad} is not finite")
     engine.backward(terms.total)
     engine.step()
     ema.update(ema_decay(cfg.ema, step))

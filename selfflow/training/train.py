@@ -226,7 +226,7 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path) -> None:
             metrics["tokens_per_s"] = metrics.pop("tokens") * info.world / metrics["step_time"]
             state.step = step + 1
             if info.rank == 0:
-                _append_jsonl(run_dir / "metrics.jsonl", {"step": state.step, **metrics})
+                append_jsonl(run_dir / "metrics.jsonl", {"step": state.step, **metrics})
                 bar.set_postfix(
                     loss=f"{metrics['loss']:.4f}",
                     fm=f"{metrics['fm']:.4f}",
@@ -274,7 +274,7 @@ def optimizer_step(
         state.data_position[modality] = data[modality].position
         gen = torch.Generator().manual_seed(mix_seed(cfg.seed, step, micro, info.rank))
         terms = micro_step_loss(cfg, engine, ema, batch, modality, gen, info.device, repa)
-        bad = _non_finite(terms)
+        bad = non_finite(terms)
         if any_rank(bad is not None):
             where = f"step {step + 1}, modality {modality}: loss term {bad or 'on another rank'} is not finite"
             if cfg.nan_policy == "stop":
@@ -363,7 +363,8 @@ def pixels(batch: LatentBatch) -> torch.Tensor:
     return unpatchify(batch.x0, batch.ids, patch, 3, h, w)
 
 
-def _non_finite(terms: LossTerms) -> str | None:
+def non_finite(terms: LossTerms) -> str | None:
+    """The first loss term that is NaN or inf, or None."""
     for name in ("fm", "rep", "total"):
         if not torch.isfinite(getattr(terms, name)).all():
             return name
@@ -400,6 +401,6 @@ def resume(cfg: TrainConfig, engine: Engine, ema: EMATeacher, run_dir: Path) -> 
     return TrainState()
 
 
-def _append_jsonl(path: Path, row: dict) -> None:
+def append_jsonl(path: Path, row: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(row) + "\n")
