@@ -78,7 +78,7 @@ def student_flops(config: str, overrides: list[str]) -> tuple[float, int]:
 
     with torch.device("meta"):
         model = MMDiT(cfg.model)
-    from selfflow.backbone.mmdit import input_name, output_name
+    from selfflow.backbone.mmdit_blocks import input_name, output_name
 
     skip = ("time_in", "guidance_in", "y_in", "txt_", "double_stream_modulation", "single_stream_modulation")
     others = [m for m in cfg.model.modalities if m != name]

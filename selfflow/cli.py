@@ -59,9 +59,9 @@ def _job_config(job: str) -> type:
         from selfflow.robotics.agent import EvalSimplerConfig
 
         return EvalSimplerConfig
-    from selfflow.training.train import TrainConfig
+    from selfflow.pretrain import PretrainConfig
 
-    return TrainConfig
+    return PretrainConfig
 
 
 DESCRIPTIONS = {
@@ -239,12 +239,12 @@ def run_job(args: argparse.Namespace) -> int:
 
         print(f"report: {write_report(cfg)}")
     else:
+        from selfflow.pretrain import pretrain
         from selfflow.training import checkpoints
-        from selfflow.training.train import train
 
-        if args.resume and not checkpoints.candidates(cfg.run_dir):
-            raise FileNotFoundError(f"--resume: no complete checkpoint in {checkpoints.checkpoint_root(cfg.run_dir)}")
-        train(cfg)
+        if args.resume and not checkpoints.step_folders(cfg.run_dir):
+            raise FileNotFoundError(f"--resume: no checkpoint in {checkpoints.checkpoint_root(cfg.run_dir)}")
+        pretrain(cfg)
     return 0
 
 
@@ -254,8 +254,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(selected).parse_args(argv)
     try:
         return run_job(args)
-    except (ConfigError, FileNotFoundError, ValueError, ArithmeticError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, ArithmeticError, OSError) as err:
         # ArithmeticError: a non-finite training loss (NonFiniteLossError names step, modality and term)
+        print(f"selfflow {args.job}: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        from selfflow.training.checkpoints import CheckpointError
+        from selfflow.training.run import RunError
+
+        if not isinstance(err, RunError | CheckpointError):
+            raise
         print(f"selfflow {args.job}: error: {err}", file=sys.stderr)
         return 2
 

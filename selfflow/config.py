@@ -34,14 +34,21 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-        _set_path(data, key.strip().split("."), yaml.safe_load(raw), source=f"override {item!r}")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {' '.join(str(err).split())}") from None
+        _set_path(data, key.strip().split("."), value, source=f"override {item!r}")
     return _build(cls, data, prefix="", source=source)
 
 

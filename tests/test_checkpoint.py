@@ -1,5 +1,7 @@
 """Weight loading: wrappers, prefixes, reports and shape errors."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -74,10 +76,7 @@ def test_missing_and_corrupt_files(tmp_path):
         load_weights(SiT(CFG), tmp_path / "nope.pt")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with (
-        pytest.warns(UserWarning, match="pickled objects"),
-        pytest.raises(ValueError, match="cannot read checkpoint.*bad.pt"),
-    ):
+    with pytest.raises(ValueError, match=r"bad\.pt"):
         load_weights(SiT(CFG), bad)
     good = tmp_path / "good.pt"
     torch.save({"model": random_state()}, good)
@@ -85,16 +84,47 @@ def test_missing_and_corrupt_files(tmp_path):
     truncated.write_bytes(good.read_bytes()[:500])
     with pytest.raises(ValueError, match="cannot read checkpoint.*truncated.pt"):
         load_weights(SiT(CFG), truncated)
+    flipped = tmp_path / "flipped.safetensors"
+    save_file(random_state(), str(flipped))
+    flipped.write_bytes(b"\xff" * 8 + flipped.read_bytes()[8:])  # the header length
+    with pytest.raises(ValueError, match="cannot read checkpoint.*flipped.safetensors"):
+        load_weights(SiT(CFG), flipped)
 
 
-def test_checkpoint_with_pickled_objects(tmp_path):
-    """Training checkpoints that pickle an argparse Namespace still load (with a warning)."""
+def test_checkpoint_with_an_argparse_namespace(tmp_path):
+    """Training checkpoints that pickle an argparse Namespace (SiT, REPA) load with the weights-only unpickler."""
     import argparse
 
     state = random_state()
-    torch.save({"ema": state, "args": argparse.Namespace(lr=1e-4)}, tmp_path / "train.pt")
+    torch.save({"ema": state, "args": argparse.Namespace(lr=1e-4, model="SiT-XL/2")}, tmp_path / "train.pt")
     model = SiT(CFG)
-    with pytest.warns(UserWarning, match="weights_only=False"):
-        report = load_weights(model, tmp_path / "train.pt", strict=True)
+    report = load_weights(model, tmp_path / "train.pt", strict=True)
     assert report.wrapper == "ema"
     assert_loaded(model, state)
+
+
+def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    write_evil_pickle(evil, marker, {"ema": random_state()})
+    with pytest.raises(ValueError, match=r"refusing to unpickle .*evil\.pt.*GLOBAL.*\n.*convert it once to safetensors"):
+        load_weights(SiT(CFG), evil)
+    assert not marker.exists()
+    torch.load(evil, weights_only=False)  # the file is live: an unrestricted load runs its code
+    assert marker.exists()
+
+
+class _WritesMarker:
+    """Unpickling this calls `Path.touch(marker)`: what a malicious checkpoint would do, harmlessly."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def write_evil_pickle(path: Path, marker: Path, payload: dict) -> None:
+    """A torch.save file whose unpickling creates `marker` (the payload's tensors load otherwise)."""
+    torch.save({**payload, "note": _WritesMarker(marker)}, path)
+    assert not marker.exists()

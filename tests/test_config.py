@@ -74,6 +74,15 @@ def test_impossible_value_names_key_and_file(tmp_path):
 def test_malformed_override():
     with pytest.raises(ConfigError, match="key.sub=value"):
         load_config(Outer, None, ["no_equals_sign"])
+    with pytest.raises(ConfigError, match=r"override 'inner.names=\[a, b': value is not valid YAML"):
+        load_config(Outer, None, ["inner.names=[a, b"])
+
+
+def test_invalid_yaml_names_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("inner:\n  steps: 3\n names: [a\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML.*line 3"):
+        load_config(Outer, path)
 
 
 def test_resolved_config_round_trips(tmp_path):
@@ -94,7 +103,7 @@ def preset_class(path: Path) -> type:
     from selfflow.data.prepare import PrepareConfig
     from selfflow.data.synth import SynthConfig
     from selfflow.eval.evaluate import EvalJobConfig
-    from selfflow.training.train import TrainConfig
+    from selfflow.pretrain import PretrainConfig
 
     folder = path.parent.name
     if folder == "robotics":
@@ -105,7 +114,7 @@ def preset_class(path: Path) -> type:
         return {"rt1": ConvertConfig, "finetune": FinetuneConfig, "simpler": EvalSimplerConfig}[path.stem.split("_")[0]]
     if folder == "data":
         return PrepareConfig if path.name.startswith("prepare") else SynthConfig
-    return {"train": TrainConfig, "eval": EvalJobConfig}[folder]
+    return {"train": PretrainConfig, "eval": EvalJobConfig}[folder]
 
 
 JOB_PRESETS = [p for p in sorted(REPO.glob("configs/*/*.yaml")) if p.parent.name != "sample"]  # sample: above
@@ -120,10 +129,10 @@ def test_demo_presets_agree():
     """The demo's trunk takes exactly the token widths and caption length its prepared data has."""
     from selfflow.data.prepare import PrepareConfig
     from selfflow.eval.evaluate import EvalJobConfig
-    from selfflow.training.train import TrainConfig
+    from selfflow.pretrain import PretrainConfig
 
     prep = load_config(PrepareConfig, REPO / "configs/data/prepare_demo.yaml")
-    train = load_config(TrainConfig, REPO / "configs/train/demo.yaml")
+    train = load_config(PretrainConfig, REPO / "configs/train/demo.yaml")
     job = load_config(EvalJobConfig, REPO / "configs/eval/demo.yaml")
     channels = {"image": 3, "video": 3, "audio": 1}
     for name, modality in prep.modalities.items():

@@ -13,10 +13,10 @@ from train_runs import REPO, launch
 from selfflow.backbone.mmdit import MMDiTConfig, build_mmdit
 from selfflow.cli import main
 from selfflow.eval.builtin_features import attribute_targets, load_feature_net, train_feature_net
+from selfflow.eval.encoders import RepaEncoder
 from selfflow.eval.generate import generate, read_eval_set
 from selfflow.eval.probe import fit_logistic, linear_probe
 from selfflow.flow.samplers import SamplerConfig
-from selfflow.training.objective import RepaEncoder
 
 SMALL = ["num_images=24", "num_videos=12", "num_audio=12", "samples_per_shard=8"]
 MODALITIES = ("image", "video", "audio")

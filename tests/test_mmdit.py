@@ -11,12 +11,12 @@ from selfflow.backbone.layers import modulate, rope_nd
 from selfflow.backbone.mmdit import (
     MMDiT,
     MMDiTConfig,
-    ModulationOut,
     Positions,
     build_mmdit,
     count_parameters,
     text_timesteps,
 )
+from selfflow.backbone.mmdit_blocks import ModulationOut
 
 B, H, W, L_TXT = 3, 2, 3, 5
 

@@ -13,10 +13,10 @@ import torch
 from reference_stats import ks_statistic, normal_cdf
 from torch import nn
 
+from selfflow.eval.encoders import RepaEncoder
 from selfflow.flow.paths import TimestepConfig
 from selfflow.training.objective import (
     ObjectiveConfig,
-    RepaEncoder,
     drop_condition,
     noise_batch,
     representation_loss,

@@ -1,7 +1,8 @@
-"""Pure parts of training: the DeepSpeed config dict, schedules, modality draws, checkpoint folders."""
+"""Parts of training without a training run: the DeepSpeed config dict, schedules, modality draws,
+checkpoint folders and manifests, metrics.jsonl, the ZeRO-3 zero term, the engine's learning rate."""
 
+import json
 import math
-import warnings
 
 import pytest
 import torch
@@ -9,8 +10,10 @@ import torch
 from selfflow.backbone.mmdit import MMDiTConfig, build_mmdit
 from selfflow.config import ConfigError, load_config
 from selfflow.training import checkpoints
-from selfflow.training.engine import DeepSpeedConfig, ds_config_dict, param_groups
-from selfflow.training.train import EMAConfig, TrainConfig, draw_modality, ema_decay
+from selfflow.training.engine import DeepSpeedConfig, Engine, _UnusedModules, ds_config_dict, param_groups
+from selfflow.training.run import truncate_jsonl
+from selfflow.training.schedules import EMAConfig, LRConfig, ema_decay, lr_at
+from selfflow.training.train import TrainConfig, draw_modality
 
 
 def test_ds_config_dict_carries_every_setting():
@@ -19,12 +22,10 @@ def test_ds_config_dict_carries_every_setting():
         bf16=True,
         grad_clip=0.5,
         grad_accum=4,
-        lr=3e-4,
         betas=[0.9, 0.95],
         weight_decay=0.1,
-        warmup_steps=500,
     )
-    d = ds_config_dict(cfg, micro_batch=38)
+    d = ds_config_dict(cfg, micro_batch=38, lr=3e-4)
     assert d["zero_optimization"]["stage"] == 3
     assert d["bf16"] == {"enabled": True} and d["data_types"] == {"grad_accum_dtype": "fp32"}
     assert d["gradient_clipping"] == 0.5 and d["gradient_accumulation_steps"] == 4
@@ -37,7 +38,7 @@ def test_ds_config_dict_carries_every_setting():
         "weight_decay": 0.1,
         "torch_adam": True,
     }
-    assert d["scheduler"]["params"]["warmup_num_steps"] == 500 and d["scheduler"]["params"]["warmup_max_lr"] == 3e-4
+    assert "scheduler" not in d  # the run loop sets every step's learning rate itself
     assert "data_types" not in ds_config_dict(DeepSpeedConfig(bf16=False), micro_batch=2)
 
 
@@ -54,6 +55,24 @@ def test_ema_decay_is_a_pure_function_of_the_step():
     warm = EMAConfig(0.9999, warmup=True)
     assert ema_decay(warm, 0) == pytest.approx(0.1) and ema_decay(warm, 90) == pytest.approx(0.91)
     assert ema_decay(warm, 10**7) == 0.9999
+
+
+def test_lr_schedule_is_a_pure_function_of_the_step():
+    warm = LRConfig(peak=1e-3, warmup_steps=4)
+    assert [lr_at(warm, i, 100) for i in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    cosine = LRConfig(peak=1e-3, warmup_steps=10, decay="cosine", floor=1e-5)
+    values = [lr_at(cosine, i, 110) for i in range(110)]
+    assert values[9] == pytest.approx(1e-3) and values[10] == pytest.approx(1e-3)
+    assert values[60] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 50 / 99)))
+    assert values[-1] == pytest.approx(1e-5)  # the last step reaches the floor
+    assert all(a >= b for a, b in zip(values[10:], values[11:], strict=False))  # decays monotonically
+    linear = LRConfig(peak=1.0, decay="linear", floor=0.0, decay_steps=5)
+    assert [lr_at(linear, i, 100) for i in range(7)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0, 0.0, 0.0])
+    assert values == [lr_at(cosine, i, 110) for i in range(110)]  # no hidden state
+    with pytest.raises(ValueError, match="decay"):
+        LRConfig(decay="step")
+    with pytest.raises(ValueError, match="floor"):
+        LRConfig(peak=1e-4, floor=1e-3)
 
 
 def test_modality_draw_frequencies_and_agreement():
@@ -77,6 +96,10 @@ def test_modality_draw_frequencies_and_agreement():
         ("deepspeed.zero_stage=4", "zero_stage"),
         ("modalities.image.data.channels=7", "model.modalities.image"),
         ("objective.method=repa", "repa_encoder"),
+        ("model.projector_dim=32", "projector_dim must equal model.hidden_size 64"),
+        ("max_skips_in_a_row=0", "max_skips_in_a_row"),
+        ("lr.decay=exponential", "decay"),
+        ("modalities.image.max_bad_samples=0", "max_bad_samples"),
     ],
 )
 def test_train_config_errors(override, message):
@@ -97,55 +120,156 @@ def test_modality_entries_start_from_their_defaults():
     assert cfg.modalities["audio"].timesteps.shift == 0.75
 
 
-def _fake_checkpoint(run_dir, step, complete=True):
+def _sealed(run_dir, step, run_uid="run-a", **meta):
+    """A checkpoint folder with the files selfflow writes, sealed by its manifest."""
     folder = checkpoints.checkpoint_dir(run_dir, step)
     folder.mkdir(parents=True)
-    (folder / "ema.safetensors").write_bytes(b"x")
+    for name in ("ema.safetensors", "config.yaml", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        (folder / name).write_bytes(f"{name} of step {step}".encode() * 100)
+    (folder / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"rank 1" * 100)
     checkpoints.write_state(folder, {"step": step})
-    if complete:
-        checkpoints.mark_complete(folder)
+    files = {p.name: checkpoints.hash_file(p) for p in folder.iterdir()}
+    checkpoints.write_manifest(folder, files, {"step": step, "world_size": 2, "run_uid": run_uid, **meta})
     return folder
 
 
-def test_latest_moves_only_when_complete_and_incomplete_is_refused(tmp_path):
-    _fake_checkpoint(tmp_path, 10)
-    _fake_checkpoint(tmp_path, 20, complete=False)  # a save that was killed
-    assert (checkpoints.checkpoint_root(tmp_path) / "latest").read_text().strip() == "step_00000010"
-    with pytest.warns(UserWarning, match=r"step_00000020.*COMPLETE"):
-        assert checkpoints.candidates(tmp_path) == [checkpoints.checkpoint_dir(tmp_path, 10)]
+def test_manifest_verifies_sizes_and_hashes_and_names_the_bad_file(tmp_path):
+    folder = _sealed(tmp_path, 10)
+    manifest = checkpoints.verify(folder)
+    assert manifest["step"] == 10 and set(manifest["files"]) == {
+        "ema.safetensors",
+        "config.yaml",
+        "state.json",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    }
+    rank1 = folder / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    data = bytearray(rank1.read_bytes())
+    data[17] ^= 0x01  # one bit
+    rank1.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"zero_pp_rank_1_mp_rank_00_optim_states\.pt differs from the manifest"):
+        checkpoints.verify(folder)
+    assert checkpoints.verify(folder, rank=0)["step"] == 10  # rank 0 never reads rank 1's file
+    with pytest.raises(ValueError, match="rank_1"):
+        checkpoints.verify(folder, rank=1)
+    (folder / "ema.safetensors").write_bytes(b"short")
+    with pytest.raises(ValueError, match=r"ema\.safetensors has 5 bytes, the manifest says"):
+        checkpoints.verify(folder, rank=0)
 
 
-def test_latest_pointing_at_a_broken_folder_falls_back(tmp_path):
-    _fake_checkpoint(tmp_path, 10)
-    broken = _fake_checkpoint(tmp_path, 20)
-    (broken / "ema.safetensors").unlink()
-    with pytest.warns(UserWarning, match="ema.safetensors missing"):
-        assert checkpoints.candidates(tmp_path) == [checkpoints.checkpoint_dir(tmp_path, 10)]
+def test_planted_file_damaged_manifest_and_unfinished_save_are_refused(tmp_path):
+    folder = _sealed(tmp_path, 10)
+    (folder / "zero_pp_rank_2_mp_rank_00_optim_states.pt").write_bytes(b"planted")
+    with pytest.raises(ValueError, match="zero_pp_rank_2.*not in the manifest"):
+        checkpoints.verify(folder, rank=0)
+    other = _sealed(tmp_path, 20)
+    manifest = (other / checkpoints.MANIFEST).read_bytes()
+    (other / checkpoints.MANIFEST).write_bytes(manifest[:-40])
+    with pytest.raises(ValueError, match="COMPLETE is damaged"):
+        checkpoints.verify(other)
+    (other / checkpoints.MANIFEST).write_text("ok\n")  # what selfflow < 0.2 wrote
+    with pytest.raises(ValueError, match="cannot be verified"):
+        checkpoints.verify(other)
+    (other / checkpoints.MANIFEST).unlink()
+    with pytest.raises(ValueError, match="a save that did not finish"):
+        checkpoints.verify(other)
+    with pytest.raises(checkpoints.CheckpointError, match="state.json"):
+        checkpoints.write_manifest(other, {"ema.safetensors": {}, "config.yaml": {}}, {})
 
 
-def test_prune_keeps_the_newest_complete(tmp_path):
+def test_prune_deletes_only_this_runs_older_sealed_checkpoints(tmp_path):
     for step in (10, 20, 30, 40):
-        _fake_checkpoint(tmp_path, step)
-    _fake_checkpoint(tmp_path, 5, complete=False)
-    checkpoints.prune(tmp_path, keep=2)
-    left = sorted(p.name for p in checkpoints.checkpoint_root(tmp_path).glob("step_*"))
-    assert left == ["step_00000030", "step_00000040"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert checkpoints.candidates(tmp_path)[0].name == "step_00000040"
+        _sealed(tmp_path, step)
+    foreign = _sealed(tmp_path, 5, run_uid="run-b")  # another config's checkpoint in the same folder
+    unfinished = checkpoints.checkpoint_dir(tmp_path, 15)
+    unfinished.mkdir()
+    gone = checkpoints.prune(tmp_path, keep=2, run_uid="run-a")
+    assert [p.name for p in gone] == ["step_00000020", "step_00000010"]
+    left = sorted(p.name for p in checkpoints.step_folders(tmp_path))
+    assert left == ["step_00000005", "step_00000015", "step_00000030", "step_00000040"]
+    assert checkpoints.verify(foreign)["run_uid"] == "run-b" and unfinished.is_dir()
 
 
-def test_other_modalities_zero_touches_every_other_projection():
+def test_move_aside_never_overwrites(tmp_path):
+    first = checkpoints.move_aside(_sealed(tmp_path, 10), "damaged")
+    second = checkpoints.move_aside(_sealed(tmp_path, 10, run_uid="run-b"), "damaged again")
+    assert first.name == "step_00000010" and second.name == "step_00000010.1"
+    assert (
+        first.with_name("step_00000010.why.txt").read_text() == "damaged\n"
+        and checkpoints.verify(second)["run_uid"] == "run-b"
+    )
+    assert checkpoints.step_folders(tmp_path) == []  # refused/ is not a checkpoint of the run
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    moved = checkpoints.move_run_aside(tmp_path)
+    assert (moved / "checkpoints" / "refused" / "step_00000010.1").is_dir() and (moved / "metrics.jsonl").is_file()
+    assert moved.parent == tmp_path / "previous" and not (tmp_path / "checkpoints").exists()
+
+
+def test_metrics_rows_past_the_resumed_step_are_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3, 4, 5)]
+    path.write_text("\n".join(rows) + '\n{"step": 6, "lo')  # torn last line of a killed process
+    truncate_jsonl(path, 3)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_zero3_term_gives_every_module_that_sat_out_a_zero_gradient():
     cfg = MMDiTConfig.tiny()
     cfg.modalities = {"image": [16, 16], "video": [16, 16], "audio": [8, 8]}
+    cfg.projector_dim = 0
     model = build_mmdit(cfg)
-    zero = model.other_modalities_zero("image")
-    assert zero.item() == 0.0
-    zero.backward()
-    for name in ("vid_in", "aud_in"):
-        assert getattr(model, name).weight.grad is not None
-    assert model.final_layer.aud_linear.weight.grad is not None and model.img_in.weight.grad is None
-    assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters() if p.grad is not None)
+    for p in model.parameters():  # away from the zero-initialised head, so every used module gets a gradient
+        torch.nn.init.normal_(p, std=0.05)
+    unused = _UnusedModules(model)
+    ids = torch.zeros(2, 4, 4, dtype=torch.long)
+    ids[..., 2] = torch.arange(4)
+
+    def step(modality):
+        model.zero_grad(set_to_none=True)
+        out = model(
+            torch.randn(2, 4, 16), torch.rand(2), ids, txt=torch.randn(2, 3, cfg.context_dim), modality=modality
+        )
+        zero = unused.zero(out)
+        assert zero.item() == 0.0 and unused.ran == set()  # forgotten for the next step
+        (out.sum() + zero).backward()
+
+    step("video")
+    step("image")
+    assert torch.count_nonzero(model.img_in.weight.grad) > 0  # the modality that ran keeps its real gradient
+    for module in (model.vid_in, model.final_layer.vid_linear):  # ran before, sat out now: an exact zero
+        assert module.weight.grad is not None and torch.count_nonzero(module.weight.grad) == 0
+    assert model.aud_in.weight.grad is None  # never ran: nothing can be stale
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_engine_learning_rate_is_the_one_the_optimizer_uses(stage):
+    """`Engine.set_lr` reaches the optimizer at every ZeRO stage: lr 0 leaves the weights alone, 1e-2 moves them."""
+    from selfflow.training.engine import init_distributed, shutdown
+
+    info = init_distributed()
+    try:
+        torch.manual_seed(0)
+        cfg = MMDiTConfig.tiny()
+        cfg.modalities, cfg.projector_dim, cfg.context_dim = {"image": [16, 16]}, 0, 0
+        model = build_mmdit(cfg)
+        for p in model.parameters():  # away from the zero-initialised head, so gradients are not zero
+            torch.nn.init.normal_(p, std=0.05)
+        engine = Engine.create(model, DeepSpeedConfig(zero_stage=stage, bf16=False), 2, info.device)
+        ids = torch.zeros(2, 4, 4, dtype=torch.long)
+        moved = []
+        for lr in (0.0, 1e-2):
+            with engine.gathered():
+                before = [p.detach().clone() for p in engine.module.parameters()]
+            engine.set_lr(lr)
+            loss = engine.module(torch.randn(2, 4, 16), torch.rand(2), ids, modality="image").pow(2).mean()
+            engine.backward(loss)
+            assert engine.step() and engine.lr == lr
+            with engine.gathered():
+                after = [p.detach().clone() for p in engine.module.parameters()]
+            moved.append(max((a - b).abs().max().item() for a, b in zip(after, before, strict=True)))
+        assert moved[0] == 0.0 and moved[1] > 1e-4
+    finally:
+        shutdown()
 
 
 def test_compile_is_refused_with_zero3():

@@ -1,6 +1,8 @@
 """Load trunk weights from a file or a state dict, whatever wrapper it came in.
 
-Accepts `.pt`/`.pth`/`.ckpt` (torch.load) and `.safetensors` files or an in-memory dict;
+Accepts `.safetensors` files, `.pt`/`.pth`/`.ckpt` files that torch's weights-only unpickler can
+read (no file may run code: anything else is refused with the command that converts it), or an
+in-memory dict;
 unwraps `ema` / `model` / `state_dict` wrappers (EMA first by default: those are the weights
 people sample from), strips `module.` (DDP/DeepSpeed) and `_orig_mod.` (torch.compile)
 prefixes, and reports missing and unexpected keys. A shape mismatch is a `ValueError` naming
@@ -11,9 +13,9 @@ the key and both shapes.
     model, meta = load_export("runs/demo/export/ema.safetensors")   # a `selfflow export` file
 """
 
+import argparse
 import json
 import pickle
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,26 +43,50 @@ class LoadReport:
         return "\n".join(lines)
 
 
+# What a training script commonly pickles beside its tensors and what the weights-only unpickler
+# may rebuild without running code: argparse's Namespace of hyperparameters (SiT / REPA / DiT).
+SAFE_GLOBALS = [argparse.Namespace]
+
+CONVERT_HINT = (
+    "selfflow reads .pt files with torch's weights-only unpickler only (anything else could run code "
+    "hidden in the file). If you trust this file, convert it once to safetensors and pass that instead:\n"
+    '  python -c "import torch; from safetensors.torch import save_file; '
+    "sd = torch.load('{path}', map_location='cpu', weights_only=False); sd = sd.get('ema', sd); "
+    "save_file({{k: v.contiguous() for k, v in sd.items()}}, '{stem}.safetensors')\""
+)
+
+
 def read_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint file into a dict; a missing or unreadable file is a clear error."""
+    """Read a checkpoint file into a dict without running code from it; a bad file is a clear error.
+
+    `.safetensors` files hold tensors only; `.pt`/`.pth`/`.ckpt` files go through torch's weights-only
+    unpickler (tensors, containers, numbers, strings, argparse Namespaces). A file that needs any
+    other Python object is refused with the command that converts it to safetensors.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as err:
+            raise ValueError(f"cannot read checkpoint {path}: {err}") from err
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass  # pickled non-tensor objects (an argparse Namespace next to the weights is common)
-    except (RuntimeError, EOFError) as err:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        hint = CONVERT_HINT.format(path=path, stem=path.with_suffix(""))
+        raise ValueError(f"refusing to unpickle {path}: {unpickling_reason(err)}\n{hint}") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
         raise ValueError(f"cannot read checkpoint {path}: {err}") from err
-    warnings.warn(f"{path} holds pickled objects besides tensors; loading it with weights_only=False", stacklevel=2)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+
+
+def unpickling_reason(err: Exception) -> str:
+    """The line of torch's weights-only error that names the refused global."""
+    lines = [line for line in str(err).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+    return lines[0].strip() if lines else "it holds Python objects besides tensors"
 
 
 def extract_state_dict(obj: dict, prefer: tuple[str, ...] = WRAPPERS) -> tuple[dict[str, Tensor], str | None]:

@@ -6,7 +6,9 @@ label). Each rank and worker draws its own shard sequence (resampling with a see
 `(seed, rank, worker)`, so streams never run dry and ranks see different data), shuffles
 samples in a buffer, and batches samples of one token shape together (bucketing by
 resolution / frame count / duration). A corrupt sample or shard is skipped, counted and
-reported with its key; the run goes on.
+reported with its key; the run goes on, unless `max_bad_samples` samples or shards in a row are
+bad (a folder of corrupt data): then the stream stops with an error naming the folder instead
+of searching forever.
 
 The position of a stream is the number of batches it has delivered; a resumed run rebuilds
 the stream with the same seed and skips that many batches, so it sees the same data.
@@ -36,22 +38,39 @@ class LoaderConfig:
     shards: str  # folder of latent shards (*.tar) or a glob
     shuffle_buffer: int = 256
     workers: int = 0  # DataLoader worker processes (0: read in the training process)
+    max_bad_samples: int = 100  # unknown in any reference; chosen as far above a few damaged items in a row
 
     def __post_init__(self):
-        if self.shuffle_buffer < 1 or self.workers < 0:
-            raise ValueError("shuffle_buffer must be >= 1 and workers >= 0")
+        if self.shuffle_buffer < 1 or self.workers < 0 or self.max_bad_samples < 1:
+            raise ValueError("shuffle_buffer and max_bad_samples must be >= 1 and workers >= 0")
+
+
+class BadDataError(ValueError):
+    """Too many corrupt samples or shards in a row: the folder is not usable as it is."""
 
 
 class SkipCounter:
-    """Counts and reports skipped samples/shards (per process)."""
+    """Counts and reports skipped samples/shards (per process); stops after `limit` in a row."""
 
-    def __init__(self):
+    def __init__(self, where: str, limit: int):
+        self.where, self.limit = where, limit
         self.counts: dict[str, int] = defaultdict(int)
+        self.in_a_row = 0
 
     def __call__(self, exn: Exception) -> bool:  # webdataset handler: log and continue
         self.counts[type(exn).__name__] += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise BadDataError(
+                f"{self.in_a_row} corrupt samples or shards in a row in {self.where} "
+                f"(the last: {type(exn).__name__}: {exn}); stopping instead of searching on"
+            )
         warnings.warn(f"skipped corrupt data: {type(exn).__name__}: {exn}", stacklevel=2)
         return True
+
+    def good(self, sample: dict) -> dict:
+        self.in_a_row = 0
+        return sample
 
 
 def shard_list(pattern: str) -> list[str]:
@@ -113,13 +132,14 @@ class LatentStream:
     def __init__(self, cfg: LoaderConfig, batch_size: int, seed: int, rank: int = 0, position: int = 0):
         self.cfg, self.batch_size = cfg, batch_size
         self.urls = shard_list(cfg.shards)
-        self.skipped = SkipCounter()
+        self.skipped = SkipCounter(cfg.shards, cfg.max_bad_samples)
         self.seed = mix_seed(seed, rank, len(self.urls))
         pipeline = wds.DataPipeline(
             wds.ResampledShards(self.urls, seed=self.seed, deterministic=True),
             wds.tarfile_to_samples(handler=self.skipped),
             wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=random.Random(self.seed)),
             wds.map(decode_sample, handler=self.skipped),
+            wds.map(self.skipped.good),
             _Batcher(batch_size),
         )
         if cfg.workers:

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from selfflow.data import synth_audio, synth_visual
 from selfflow.eval.captions import read_items
+from selfflow.files import file_sha256
 
 MODALITIES = ("image", "video", "audio")
 
@@ -290,10 +291,6 @@ def learning_rate(step: int, cfg: FeatureNetConfig) -> float:
     return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(cfg.steps, 1))))
 
 
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def sidecar(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
@@ -352,7 +349,7 @@ def train_feature_net(
         "format": "selfflow-builtin-features-1",
         "config": asdict(cfg),
         "attributes": net.attributes,
-        "sha256": sha256_file(out),
+        "sha256": file_sha256(out),
         "data": {"items": len(inputs), "sha256": data_hash},
         "final_loss": final_loss,
     }
@@ -370,7 +367,7 @@ def load_feature_net(path: str | Path) -> BuiltinFeatureNet:
     record = json.loads(sidecar(weights).read_text())
     if record.get("format") != "selfflow-builtin-features-1":
         raise ValueError(f"{sidecar(weights)} is not a builtin feature net record (format {record.get('format')!r})")
-    digest = sha256_file(weights)
+    digest = file_sha256(weights)
     if digest != record["sha256"]:
         raise ValueError(f"{weights}: sha256 {digest} differs from {record['sha256']} in {sidecar(weights)}")
     net = BuiltinFeatureNet(FeatureNetConfig(**record["config"]))

@@ -41,6 +41,7 @@ import numpy as np
 
 from selfflow.data import synth_audio, synth_visual
 from selfflow.data.raw import decode_audio, decode_image, decode_video, find_media, read_shard
+from selfflow.eval.media import to_uint8
 
 OFF_LINE = 60.0  # RGB distance from the blend line beyond which a pixel is another colour (mp4 chroma bleeds)
 # Shape from moments of the coverage about its centre (more robust to blur than a bounding box): an
@@ -83,16 +84,12 @@ def read_items(shard_dir: str | Path, modality: str) -> list[tuple[np.ndarray, d
 def decode_media(modality: str, data: bytes, attrs: dict) -> np.ndarray:
     """Encoded media -> the scorers' format (decoded by `selfflow.data.raw`, mapped back from [-1, 1])."""
     if modality == "image":
-        return to_uint8(decode_image(data, channels=3).permute(1, 2, 0))
+        return to_uint8(decode_image(data, channels=3)[None])[0]
     if modality == "video":
-        return to_uint8(decode_video(data).permute(1, 2, 3, 0))
+        return to_uint8(decode_video(data)[None])[0]
     if modality == "audio":
         return decode_audio(data, channels=1, sample_rate=attrs["sample_rate"])[0].numpy()
     raise ValueError(f"unknown modality {modality!r} (image, video or audio)")
-
-
-def to_uint8(x) -> np.ndarray:
-    return np.asarray(((x + 1) * 127.5).round().clamp(0, 255).byte())
 
 
 # ---------------------------------------------------------------- pictures

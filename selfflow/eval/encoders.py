@@ -8,6 +8,9 @@
   bicubic resize + centre crop) and its `CLIPTokenizer`.
 - CLAP (FAD): `ClapModel.get_audio_features` (projected and L2-normalised) on `ClapFeatureExtractor`
   log-mels at the extractor's rate (48 kHz for LAION CLAP); other rates are resampled with torchaudio.
+- REPA targets (`RepaEncoder`, used in training): the patch tokens of a frozen ViT-like encoder
+  (ImageNet mean/std unless the folder's `preprocessor_config.json` says otherwise), resized to the
+  trunk's token grid; or the built-in feature net's conv maps (`selfflow.eval.builtin_features`).
 
 Each loader takes a local directory (`from_pretrained(dir, local_files_only=True)`; nothing is
 downloaded), checks the files it needs first (FileNotFoundError naming the directory and file), and
@@ -23,18 +26,23 @@ records the sha256 of the weight file(s):
 """
 
 import hashlib
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 from PIL import Image
 from torch import Tensor
-from transformers import ClapFeatureExtractor, ClapModel, CLIPModel, CLIPTokenizer, Dinov2Model
+from transformers import AutoModel, ClapFeatureExtractor, ClapModel, CLIPModel, CLIPTokenizer, Dinov2Model
 from transformers.models.clip import CLIPImageProcessorPil
 
-from selfflow.eval.inception import file_sha256, ieee_fp32
+from selfflow.eval.builtin_features import load_feature_net
+from selfflow.eval.inception import ieee_fp32
+from selfflow.files import file_sha256
 
 # dgm-eval models/dinov2.py: torchvision Resize((224, 224), BICUBIC) on PIL images, then ImageNet stats.
 DINO_RESOLUTION = 224
@@ -233,3 +241,80 @@ def load_clap(local_dir: str | Path, device: torch.device | str = "cpu") -> Clap
     model = ClapModel.from_pretrained(local_dir, local_files_only=True).eval().requires_grad_(False).to(device)
     extractor = ClapFeatureExtractor.from_pretrained(local_dir, local_files_only=True)
     return ClapEncoder(model=model, feature_extractor=extractor, sha256=sha256, weight_sha256=per_file)
+
+
+# ---------------------------------------------------------------------------------------------
+# REPA targets
+# ---------------------------------------------------------------------------------------------
+
+
+class RepaEncoder:
+    """Frozen external vision encoder giving REPA's per-token targets, loaded from a local folder.
+
+    Assumes a ViT-like `transformers` model (e.g. ViTModel, Dinov2Model, Dinov2WithRegistersModel):
+    `config.image_size` / `config.patch_size` define a square patch grid, `last_hidden_state` is
+    `[CLS, registers..., patches in (h w) order]`, and the model accepts `pixel_values` at
+    `config.image_size`. Mean/std come from `preprocessor_config.json` (`image_mean`, `image_std`)
+    when present, else ImageNet's.
+
+    A `.safetensors` path is instead the built-in image feature net of `selfflow.eval.builtin_features`
+    (the external encoder of REPA on the built-in data): its conv feature maps before pooling,
+    resized to the token grid, are the targets.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        image_size: int | None = None,
+    ):
+        path = Path(path)
+        self.builtin = None
+        if path.suffix == ".safetensors":
+            self.builtin = load_feature_net(path).to(device)
+            self.feature_dim = 4 * self.builtin.cfg.width
+            return
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"REPA encoder folder missing or without config.json: {path}")
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).to(device=device, dtype=dtype)
+        self.model.eval().requires_grad_(False)
+        config = self.model.config
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        if (path / "preprocessor_config.json").is_file():
+            processor = json.loads((path / "preprocessor_config.json").read_text())
+            mean, std = processor.get("image_mean", mean), processor.get("image_std", std)
+        self.mean = torch.tensor(mean, device=device, dtype=dtype).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=device, dtype=dtype).view(1, 3, 1, 1)
+        self.image_size = int(image_size or config.image_size)
+        # ViTModel interpolates its position table only when asked; DINOv2 always does.
+        accepts = "interpolate_pos_encoding" in inspect.signature(self.model.forward).parameters
+        self.interpolate = accepts and self.image_size != int(config.image_size)
+        self.patch_grid = self.image_size // int(config.patch_size)
+        self.num_prefix = 1 + int(getattr(config, "num_register_tokens", 0) or 0)  # CLS + registers
+        self.feature_dim = int(config.hidden_size)
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor, grid_hw: tuple[int, int]) -> Tensor:
+        """Patch features `(B, h*w, d)` of images `(B, 3, H, W)` in [-1, 1], resized to the token grid `(h, w)`."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        h, w = grid_hw
+        if self.builtin is not None:
+            grid = self.builtin.spatial(images.float().to(next(self.builtin.parameters()).device))
+            grid = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
+            return rearrange(grid, "b d h w -> b (h w) d")
+        x = (images.to(device=self.mean.device, dtype=self.mean.dtype) + 1) / 2  # [0, 1]
+        size = (self.image_size, self.image_size)
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+        x = (x - self.mean) / self.std
+        extra = {"interpolate_pos_encoding": True} if self.interpolate else {}
+        hidden = self.model(pixel_values=x, **extra).last_hidden_state[:, self.num_prefix :]  # (B, gh*gw, d)
+        g = self.patch_grid
+        if hidden.shape[1] != g * g:
+            raise ValueError(f"encoder returned {hidden.shape[1]} patch tokens, expected a {g}x{g} grid")
+        grid = rearrange(hidden, "b (gh gw) d -> b d gh gw", gh=g, gw=g)
+        if (h, w) != (g, g):
+            grid = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
+        return rearrange(grid, "b d h w -> b (h w) d")

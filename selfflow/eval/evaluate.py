@@ -39,7 +39,7 @@ from selfflow.backbone.mmdit import MMDiT
 from selfflow.config import save_config
 from selfflow.eval import captions, media
 from selfflow.eval.builtin_features import load_feature_net, train_feature_net
-from selfflow.eval.generate import EvalSet, data_modality, decode, generate, read_eval_set, to_uint8
+from selfflow.eval.generate import EvalSet, data_modality, decode, generate, read_eval_set
 from selfflow.eval.metrics import FeatureStats
 from selfflow.eval.probe import linear_probe
 from selfflow.flow.samplers import SamplerConfig
@@ -195,7 +195,7 @@ def scorable(name: str, x: torch.Tensor) -> list:
     """Media as the caption scorers take them: uint8 channels-last pictures, float waveforms."""
     if name == "audio":
         return list(x.numpy())
-    return list(to_uint8(x))
+    return list(media.to_uint8(x))
 
 
 def fvd(real: torch.Tensor, fake: torch.Tensor) -> float:
@@ -205,7 +205,7 @@ def fvd(real: torch.Tensor, fake: torch.Tensor) -> float:
     i3d = load_i3d()
     stats = []
     for x in (real, fake):
-        frames = torch.from_numpy(to_uint8(x))  # (N, T, H, W, 3) uint8
+        frames = torch.from_numpy(media.to_uint8(x))  # (N, T, H, W, 3) uint8
         with torch.no_grad():
             feats = torch.cat([i3d(preprocess(chunk)) for chunk in frames.split(8)])
         stats.append(FeatureStats(feats.shape[1]).update(feats))
@@ -218,9 +218,9 @@ def save_samples(name: str, x: torch.Tensor, items: EvalSet, folder: Path, cfg: 
     n = min(cfg.save_media, len(x))
     folder.mkdir(parents=True, exist_ok=True)
     if name == "image":
-        files = [media.save_grid(to_uint8(x[:n]), folder / "image_grid.png", columns=8, scale=3)]
+        files = [media.save_grid(media.to_uint8(x[:n]), folder / "image_grid.png", columns=8, scale=3)]
     elif name == "video":
-        frames = to_uint8(x[:n])
+        frames = media.to_uint8(x[:n])
         files = [media.save_gif(f, folder / f"video_{i:03d}.gif", fps=8, scale=3) for i, f in enumerate(frames)]
     else:
         rate = modality_rate(cfg, name)

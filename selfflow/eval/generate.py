@@ -19,7 +19,6 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -127,10 +126,3 @@ def decode(modality: Modality, tokens: Tensor, items: EvalSet) -> Tensor:
     n = tokens.shape[0]
     latent = modality.scatter(tokens, items.ids[:n], (n, *items.latent_shape))
     return modality.decode(latent).float().clamp(-1, 1)
-
-
-def to_uint8(media: Tensor) -> np.ndarray:
-    """Images `(N, 3, H, W)` or videos `(N, 3, T, H, W)` in [-1, 1] -> uint8 `(N, H, W, 3)` or
-    `(N, T, H, W, 3)`, with the ADM rounding `clamp(127.5 x + 128)`."""
-    pixels = torch.clamp(127.5 * media.float() + 128.0, 0, 255).to(torch.uint8)
-    return pixels.movedim(1, -1).numpy()

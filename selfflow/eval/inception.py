@@ -23,7 +23,6 @@ with strict=True. TF names map to ours as in toshas/torch-fidelity `utils/util_c
     inception.sha256, inception.matches_reference  # logits (N, 1008) unbiased, as ADM's IS uses them
 """
 
-import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from selfflow.files import file_sha256
 
 PT_FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 # sha256 of the pytorch-fid / torch-fidelity port of inception-2015-12-05. Its first 8 hex digits are the
@@ -285,15 +286,6 @@ class InceptionV3(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 16 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @contextmanager

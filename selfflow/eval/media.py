@@ -1,8 +1,10 @@
 """Files people look at: image grids (PNG), videos (GIF, plays in any browser), audio (WAV).
 
 The built-in data is tiny (32 px), so pictures are enlarged with nearest-neighbour scaling to
-keep pixels honest.
+keep pixels honest. `to_uint8` is the one conversion from model media in [-1, 1] to pixels, used
+for these files, for the metrics' networks and for the caption checks.
 
+    pixels = to_uint8(images_nchw)                # (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)
     save_grid(pixels_uint8_nhwc, "samples/image_grid.png", columns=8, scale=3)
     save_gif(frames_uint8_thwc, "samples/video_000.gif", fps=8, scale=3)
     save_wav(waveform_cs, 16000, "samples/audio_000.wav")
@@ -12,7 +14,20 @@ from pathlib import Path
 
 import numpy as np
 import soundfile
+import torch
 from PIL import Image
+from torch import Tensor
+
+
+def to_uint8(media: Tensor) -> np.ndarray:
+    """Images `(N, 3, H, W)` or videos `(N, 3, T, H, W)` in [-1, 1] -> uint8 `(N, H, W, 3)` or
+    `(N, T, H, W, 3)` on the CPU, by ADM's (and DiT's) `clamp(127.5 x + 128, 0, 255)` cast to uint8.
+
+    The cast truncates, so this is `127.5 (x + 1)` rounded to the nearest integer with halves
+    rounded up; it maps the decoder's `p / 127.5 - 1` (`selfflow.data.raw`) back to exactly `p`.
+    """
+    pixels = torch.clamp(127.5 * media.float() + 128.0, 0, 255).to(torch.uint8)
+    return pixels.movedim(1, -1).cpu().numpy()
 
 
 def enlarge(image: np.ndarray, scale: int) -> Image.Image:

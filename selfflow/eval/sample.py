@@ -26,6 +26,7 @@ from tqdm import tqdm
 from selfflow.backbone.checkpoint import load_weights
 from selfflow.backbone.sit import SiT, SiTConfig
 from selfflow.config import save_config
+from selfflow.eval.media import to_uint8
 from selfflow.flow.samplers import PerSampleNoise, SamplerConfig, sample
 from selfflow.modalities.grid import patchify, unpatchify
 
@@ -99,11 +100,6 @@ def load_vae(path: str, device: torch.device):
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"vae folder {folder} has no config.json (expected a diffusers AutoencoderKL folder)")
     return AutoencoderKL.from_pretrained(str(folder), local_files_only=True, low_cpu_mem_usage=False).to(device).eval()
-
-
-def to_uint8(images: Tensor) -> np.ndarray:
-    """`[-1, 1]` NCHW -> uint8 NHWC, with the ADM/DiT rounding `clamp(127.5 x + 128)`."""
-    return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()
 
 
 @torch.no_grad()

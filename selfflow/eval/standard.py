@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from selfflow.eval import metrics
-from selfflow.eval.generate import to_uint8
+from selfflow.eval.media import to_uint8
 
 
 def _frames(x: Tensor, name: str):

@@ -1,7 +1,9 @@
 """Samplers: Euler and Heun ODE, the public release's Euler-Maruyama SDE, classifier-free guidance.
 
 All samplers work on token tensors `x` `(B, L, C)` and integrate from noise (`t = 1`) to data
-(`t = 0`) with a velocity function `v = velocity(x, t)`, `t` of shape `(B,)`.
+(`t = 0`) with a velocity function `v = velocity(x, t)`, `t` of shape `(B,)`. The ODE loops
+(`euler`, `heun`) take any `(x, t) -> (x, v)` step function and a grid of noise levels, so other
+callers (the robot policy's action chunk, `selfflow.robotics.video_action`) integrate with them too.
 
 Guidance follows the public release exactly: the state is the doubled batch `[uncond; cond]`;
 at a step whose noise level lies in `cfg_interval`, the uncond half is first overwritten by
@@ -22,6 +24,8 @@ from torch import Tensor
 from selfflow.flow.paths import shift_timesteps
 
 ModelFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x, t (B,), labels (B,)) -> velocity
+# (x, t) -> (x, v): the state (`Guided` may replace its uncond half) and its velocity at noise level t
+StepFn = Callable[[Tensor, float], tuple[Tensor, Tensor]]
 SAMPLERS = ("euler", "heun", "sde")
 
 
@@ -122,18 +126,17 @@ def ode_grid(num_steps: int, shift: float) -> list[float]:
     return shift_timesteps(torch.linspace(1, 0, num_steps + 1, dtype=torch.float64), shift).tolist()
 
 
-def euler(velocity: Guided, x: Tensor, cfg: SamplerConfig) -> Tensor:
-    grid = ode_grid(cfg.num_steps, cfg.sample_shift)
+def euler(velocity: StepFn, x: Tensor, grid: list[float]) -> Tensor:
+    """Euler steps from `grid[0]` to `grid[-1]` (noise levels, 1 down to 0)."""
     for t, t_next in zip(grid[:-1], grid[1:], strict=True):
         x, v = velocity(x, t)
         x = x + (t_next - t) * v
     return x
 
 
-def heun(velocity: Guided, x: Tensor, cfg: SamplerConfig) -> Tensor:
+def heun(velocity: StepFn, x: Tensor, grid: list[float]) -> Tensor:
     """Heun's second-order method (two velocity evaluations per step, t = 0 included: the
     velocity parameterisation stays finite there, unlike EDM's denoiser-derived slope)."""
-    grid = ode_grid(cfg.num_steps, cfg.sample_shift)
     for t, t_next in zip(grid[:-1], grid[1:], strict=True):
         x, v = velocity(x, t)
         _, v_next = velocity(x + (t_next - t) * v, t_next)
@@ -178,9 +181,9 @@ def sample(
     velocity = Guided(model_fn, labels, null_label, cfg)
     x = velocity.start(noise)
     if cfg.kind == "euler":
-        x = euler(velocity, x, cfg)
+        x = euler(velocity, x, ode_grid(cfg.num_steps, cfg.sample_shift))
     elif cfg.kind == "heun":
-        x = heun(velocity, x, cfg)
+        x = heun(velocity, x, ode_grid(cfg.num_steps, cfg.sample_shift))
     else:
         source = noise_source or GlobalNoise()
         if velocity.active and isinstance(source, PerSampleNoise):

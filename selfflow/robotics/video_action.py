@@ -17,7 +17,7 @@ mask, the EMA teacher sees each part at its cleaner timestep, and the student's 
 features of the noised tokens are aligned to the teacher's block-`k` features (paper Eq. 4-5).
 
     terms = video_action_loss(objective, va_cfg, clip, student, teacher, generator)
-    chunk = sample_action_chunk(model, context, ids_ctx, ids_future, ids_act, steps=10)
+    chunk = sample_action_chunk(model, clip, steps=10)      # (B, H, Ca), frames held at t = 1
 """
 
 from dataclasses import dataclass, field
@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from selfflow.flow.paths import TimestepConfig, velocity_target
+from selfflow.flow.samplers import euler
 from selfflow.training.objective import LossTerms, ObjectiveConfig, noise_batch, representation_loss
 
 
@@ -131,13 +132,15 @@ def sample_action_chunk(model, clip: Clip, steps: int = 10, generator: torch.Gen
     actions = torch.randn(clip.actions.shape, generator=gen).to(device)
     n_ctx, n_fut = clip.context.shape[1], clip.future.shape[1]
     cond = {} if clip.text is None else {"txt": clip.text, "txt_mask": clip.text_mask}
-    grid = torch.linspace(1, 0, steps + 1).tolist()
-    for t, t_next in zip(grid[:-1], grid[1:], strict=True):
+
+    def velocity(actions: Tensor, t: float) -> tuple[Tensor, Tensor]:
         x, ids = joint(clip, frames_noise, actions)
         B = len(actions)
         tau = torch.cat((torch.zeros(B, n_ctx), torch.ones(B, n_fut), torch.full((B, actions.shape[1]), t)), dim=1).to(
             device
         )
         _, v_actions = model(x, tau, ids, modality=("video", "action"), **cond)
-        actions = actions + (t_next - t) * v_actions.float()
-    return actions
+        return actions, v_actions.float()
+
+    # A float32 grid (not `ode_grid`'s float64 one), as the policy has always been sampled.
+    return euler(velocity, actions, torch.linspace(1, 0, steps + 1).tolist())

@@ -1,8 +1,9 @@
-"""The one file that knows DeepSpeed: config dict, `deepspeed.initialize`, ZeRO-aware EMA, checkpoints.
+"""The one file that knows DeepSpeed and torch.distributed: processes, collectives, the engine, the EMA.
 
-Everything ZeRO-specific lives here (stages, partitioned parameters, gathering); the training
-loop sees an `Engine` with `backward`, `step`, `lr`, `save`, `load` and an `EMATeacher` with
-`update`, `teacher`, `state_dict`.
+Everything ZeRO-specific lives here (stages, partitioned parameters, gathering, how DeepSpeed
+writes and reads its checkpoint files); the run loop (`run.py`) sees an `Engine` with
+`backward`, `step`, `set_lr`, `save`, `load` and an `EMATeacher` with `update`, `gathered`,
+`save`, `load`, plus a few collectives (`all_gather`, `broadcast`, `barrier`).
 
 EMA teacher (fp32, DESIGN.md section 2):
 - ZeRO 0-2: a replicated fp32 copy of the model, updated from the (full) student weights.
@@ -12,52 +13,74 @@ EMA teacher (fp32, DESIGN.md section 2):
   views of those buffers, so gathering it for the forward reads the EMA (gathered copies are
   read-only: writes through them would be discarded).
 
-    engine = Engine.create(model, ds_cfg, micro_batch=38, device=info.device)
+Checkpoint files: DeepSpeed pickles its model and optimizer states with `torch.save`. Reading
+them goes through `restricted_unpickling()`: torch's weights-only unpickler (forced even where
+DeepSpeed asks for `weights_only=False`) that admits tensors, containers and the three small
+DeepSpeed classes those files hold, so no file can run code. Writing goes through Python file
+objects, so a full disk is an `OSError` "No space left on device" with the path; write errors
+are collected per rank instead of raised inside DeepSpeed's save (a rank raising there would
+leave the others waiting in DeepSpeed's barrier), and the run loop decides on them together.
+
+    engine = Engine.create(model, ds_cfg, micro_batch=38, device=info.device, lr=1e-4)
     ema = EMATeacher.create(engine, model_copy)
-    loss = ...; engine.backward(loss); engine.step(); ema.update(decay)
+    engine.set_lr(lr); loss = ...; engine.backward(loss); applied = engine.step(); ema.update(decay)
 """
 
 import copy
+import math
 import os
+import pickle
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+from deepspeed.utils.tensor_fragment import fragment_address
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from selfflow.backbone.checkpoint import unpickling_reason
 
 
 @dataclass
 class DeepSpeedConfig:
+    """Optimizer and ZeRO settings. AdamW with betas (0.9, 0.999), eps 1e-8, no weight decay and
+    clipping at 1.0 are SiT's and REPA's settings (their `train.py`); the learning rate and its
+    schedule are the run's `lr` section (`schedules.LRConfig`)."""
+
     zero_stage: int = 2  # 0-3
     bf16: bool = True  # bf16 weights/activations with fp32 master weights and fp32 gradient accumulation
     grad_clip: float = 1.0  # 0: off
-    grad_accum: int = 1
-    lr: float = 1e-4
+    grad_accum: int = 1  # micro-batches per optimizer step (all of one modality; see run.py)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     weight_decay: float = 0.0
-    warmup_steps: int = 0  # linear warm-up of the learning rate
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
-        if self.lr <= 0 or self.grad_clip < 0 or self.weight_decay < 0 or self.warmup_steps < 0:
-            raise ValueError("lr must be > 0 and grad_clip, weight_decay, warmup_steps >= 0")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("grad_clip and weight_decay must be >= 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
 
 
-def ds_config_dict(cfg: DeepSpeedConfig, micro_batch: int) -> dict:
-    """The DeepSpeed JSON config for `cfg` (AdamW, linear warm-up, ZeRO stage, bf16, clipping)."""
+def ds_config_dict(cfg: DeepSpeedConfig, micro_batch: int, lr: float = 1e-4) -> dict:
+    """The DeepSpeed JSON config for `cfg` (AdamW, ZeRO stage, bf16, clipping; no DeepSpeed scheduler:
+    the run loop sets the learning rate of every step from its own pure schedule)."""
     config = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": cfg.grad_accum,
@@ -67,22 +90,13 @@ def ds_config_dict(cfg: DeepSpeedConfig, micro_batch: int) -> dict:
         "optimizer": {
             "type": "AdamW",
             "params": {
-                "lr": cfg.lr,
+                "lr": lr,
                 "betas": cfg.betas,
                 "eps": cfg.eps,
                 "weight_decay": cfg.weight_decay,
                 # torch's multi-tensor AdamW: DeepSpeed's fused (GPU) and CPU Adam ops need a
                 # C++/CUDA build at start-up, which a fresh node would pay on every job.
                 "torch_adam": True,
-            },
-        },
-        "scheduler": {
-            "type": "WarmupLR",
-            "params": {
-                "warmup_min_lr": 0.0,
-                "warmup_max_lr": cfg.lr,
-                "warmup_num_steps": max(cfg.warmup_steps, 1),
-                "warmup_type": "linear",
             },
         },
         "steps_per_print": 10**9,
@@ -96,7 +110,7 @@ def ds_config_dict(cfg: DeepSpeedConfig, micro_batch: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# Processes
+# Processes and collectives
 
 
 @dataclass
@@ -141,13 +155,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank if `flag` is True on any rank (so all ranks take the same branch)."""
-    t = torch.tensor([1.0 if flag else 0.0])
+def max_over_ranks(value: int) -> int:
+    """The largest `value` of all ranks, on every rank (one small all-reduce)."""
+    t = torch.tensor([float(value)])
     if dist.get_backend() == "nccl":
         t = t.cuda()
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return int(t.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is True on any rank (so all ranks take the same branch)."""
+    return max_over_ranks(int(flag)) > 0
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's `obj` (small, picklable: strings, numbers, dicts of them), in rank order."""
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:
@@ -157,9 +190,68 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+    # DeepSpeed caches process groups of the destroyed world; a later job in this process needs fresh ones
+    for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
+        setattr(deepspeed.utils.groups, name, None)
     for name in _ADDED_ENV:
         os.environ.pop(name, None)
     _ADDED_ENV.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint files
+
+# What DeepSpeed's model/optimizer files hold besides tensors and containers (found by loading
+# files of every ZeRO stage with fp32 and bf16 through the weights-only unpickler).
+DEEPSPEED_GLOBALS = [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextmanager
+def restricted_unpickling() -> Iterator[None]:
+    """Every `torch.load` inside (DeepSpeed's included) uses the weights-only unpickler."""
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"  # overrides an explicit weights_only=False
+    try:
+        with torch.serialization.safe_globals(DEEPSPEED_GLOBALS):
+            yield
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"refusing to unpickle a checkpoint file: {unpickling_reason(err)}") from err
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def write_error(path: str | Path, err: BaseException) -> str:
+    """A write failure as one line naming the file (ENOSPC says so plainly, with the free space)."""
+    text = f"{type(err).__name__}: {err}"
+    try:
+        free = os.statvfs(Path(path).parent).f_bavail * os.statvfs(Path(path).parent).f_frsize
+    except OSError:
+        free = None
+    if "No space left" in text or "os error 28" in text or (free is not None and free < 1 << 20):
+        text = f"No space left on device ({free} bytes free)" if free is not None else "No space left on device"
+    return f"{path}: {text}"
+
+
+class _CheckpointFiles(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine with Python-file writes that record errors, and safe reads."""
+
+    def __init__(self, config_params):
+        super().__init__(config_params)
+        self.errors: list[str] = []
+
+    def save(self, state_dict, path: str):
+        try:
+            with open(path, "wb") as f:
+                torch.save(state_dict, f, _use_new_zipfile_serialization=self.zipfile_serialization)
+        except (OSError, RuntimeError) as err:
+            self.errors.append(write_error(path, err))
+
+    def load(self, path: str, map_location=None):
+        with restricted_unpickling():
+            return torch.load(path, map_location=map_location, weights_only=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,6 +273,45 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class _UnusedModules:
+    """ZeRO-3 keeps a stale gradient for a parameter that took part in an earlier step but not in this
+    one (a modality's projections on another modality's step; without this, ZeRO-3 diverges from
+    ZeRO-2 on mixed-modality runs). Forward pre-hooks record which parameter-owning modules ran and
+    the shapes they took; `zero()` is a loss term equal to 0 that runs every module that sat out
+    this step on zeros of those shapes (leading dimensions cut to 1), so each gets an exact zero
+    gradient. Modules that never ran have no gradient to go stale and are left alone."""
+
+    def __init__(self, model: nn.Module):
+        self.modules = {n: m for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
+        self.ran: set[str] = set()
+        self.inputs: dict[str, list[tuple[torch.Size, torch.dtype]] | None] = {}
+        for name, module in self.modules.items():
+            module.register_forward_pre_hook(partial(self._record, name), with_kwargs=True)
+
+    def _record(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.ran.add(name)
+        if name not in self.inputs:
+            tensors = not kwargs and args and all(isinstance(a, Tensor) for a in args)
+            self.inputs[name] = [(a.shape, a.dtype) for a in args] if tensors else None
+
+    def zero(self, like: Tensor) -> Tensor:
+        zero = like.new_zeros(())
+        for name in [n for n in self.inputs if n not in self.ran]:
+            if self.inputs[name] is None:
+                raise RuntimeError(f"ZeRO-3: module {name} sat out a step and takes inputs other than tensors")
+            args = [
+                torch.zeros((1,) * (len(shape) - 1) + shape[-1:], dtype=dtype, device=like.device)
+                if dtype.is_floating_point
+                else torch.zeros((1,) * len(shape), dtype=dtype, device=like.device)
+                for shape, dtype in self.inputs[name]
+            ]
+            out = self.modules[name](*args)
+            for part in out if isinstance(out, tuple) else (out,):
+                zero = zero + part.float().sum()
+        self.ran.clear()
+        return zero * 0.0
+
+
 class Engine:
     """A DeepSpeed engine plus the facts the loop needs (stage, dtype)."""
 
@@ -188,10 +319,18 @@ class Engine:
         self.ds, self.cfg = ds_engine, cfg
         self.module: nn.Module = ds_engine.module
         self.dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+        files = ds_engine.checkpoint_engine
+        if type(files) is not TorchCheckpointEngine:
+            raise ValueError(f"unsupported DeepSpeed checkpoint engine {type(files).__name__}")
+        self.files = _CheckpointFiles(ds_engine._config)
+        ds_engine.checkpoint_engine = self.files
+        self.unused = _UnusedModules(self.module) if self.zero3 else None
 
     @classmethod
-    def create(cls, model: nn.Module, cfg: DeepSpeedConfig, micro_batch: int, device: torch.device) -> "Engine":
-        ds_cfg = ds_config_dict(cfg, micro_batch)
+    def create(
+        cls, model: nn.Module, cfg: DeepSpeedConfig, micro_batch: int, device: torch.device, lr: float = 1e-4
+    ) -> "Engine":
+        ds_cfg = ds_config_dict(cfg, micro_batch, lr)
         model = model.to(device)
         ds_engine, *_ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.weight_decay), config=ds_cfg
@@ -202,11 +341,35 @@ class Engine:
     def zero3(self) -> bool:
         return self.cfg.zero_stage == 3
 
+    def set_lr(self, lr: float) -> None:
+        for group in self.ds.optimizer.param_groups:
+            group["lr"] = lr
+
+    def abandon_forward(self) -> None:
+        """A forward whose loss is not used (a skipped step): forget which modules it ran."""
+        if self.unused is not None:
+            self.unused.ran.clear()
+
     def backward(self, loss: Tensor) -> None:
+        if self.unused is not None:
+            loss = loss + self.unused.zero(loss)
         self.ds.backward(loss)
 
-    def step(self) -> None:
+    def step(self) -> bool:
+        """The optimizer step (at a gradient-accumulation boundary); False when it was not applied
+        because a gradient is not finite (the weights are unchanged)."""
+        boundary = self.ds.is_gradient_accumulation_boundary()
+        if boundary and self.cfg.zero_stage == 0 and not self._grads_finite():
+            self.ds.zero_grad()  # DeepSpeed checks gradients itself under ZeRO 1-3, not at stage 0
+            self.ds.skipped_steps += 1
+            return False
+        skipped = self.ds.skipped_steps
         self.ds.step()
+        return not boundary or self.ds.skipped_steps == skipped
+
+    def _grads_finite(self) -> bool:
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        return all(bool(torch.isfinite(g).all()) for g in grads)
 
     @property
     def lr(self) -> float:
@@ -215,7 +378,11 @@ class Engine:
     @property
     def grad_norm(self) -> float:
         norm = self.ds.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return float(norm) if norm is not None else math.nan
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Full parameter shapes by name (ZeRO-3 keeps them beside the empty partitioned tensors)."""
+        return {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in self.module.named_parameters()}
 
     @contextmanager
     def gathered(self) -> Iterator[None]:
@@ -224,15 +391,18 @@ class Engine:
         with ctx:
             yield
 
-    def save(self, folder: Path, client_state: dict) -> None:
-        """Model, optimizer and scheduler of every rank into `folder` (no `latest` pointer)."""
+    def save(self, folder: Path, client_state: dict) -> list[str]:
+        """Model, optimizer of every rank into `folder` (collective); returns this rank's write errors."""
+        self.files.errors = []
         self.ds.save_checkpoint(str(folder.parent), tag=folder.name, client_state=client_state, save_latest=False)
+        return self.files.errors
 
-    def load(self, folder: Path) -> dict:
-        _, client_state = self.ds.load_checkpoint(str(folder.parent), tag=folder.name)
-        if client_state is None:
+    def load(self, folder: Path) -> None:
+        """Model and optimizer from `folder` (collective; only after its files were verified)."""
+        with restricted_unpickling():
+            path, _ = self.ds.load_checkpoint(str(folder.parent), tag=folder.name, load_lr_scheduler_states=False)
+        if path is None:
             raise ValueError(f"checkpoint {folder} could not be loaded by DeepSpeed")
-        return client_state
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,23 +480,30 @@ class EMATeacher:
             else:
                 p.data.copy_(full.to(p.device))
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path) -> list[str]:
+        """Rank 0 writes the full EMA (collective under ZeRO-3); returns this rank's write errors."""
         state = self.state_dict()
-        if dist.get_rank() == 0:
+        if dist.get_rank() != 0:
+            return []
+        try:
             save_file(state, str(path))
+        except (OSError, SafetensorError) as err:
+            return [write_error(path, err)]
+        return []
 
     def load(self, path: Path) -> None:
         self.load_state_dict(load_file(str(path)))
 
 
 def consolidated_student(folder: Path) -> dict[str, Tensor]:
-    """Full fp32 student weights from a checkpoint folder of any ZeRO stage, offline (no processes)."""
-    if any(folder.glob("*optim_states.pt")) and any(folder.glob("zero_pp_rank_*")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """Full fp32 student weights from a (verified) checkpoint folder of any ZeRO stage, offline."""
+    with restricted_unpickling():
+        if any(folder.glob("*optim_states.pt")) and any(folder.glob("zero_pp_rank_*")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
-    else:  # ZeRO stage 0: the module is saved whole
-        state = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+            state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+        else:  # ZeRO stage 0: the module is saved whole
+            state = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
     return {k: v.float().contiguous() for k, v in state.items()}
 
 

@@ -2,7 +2,8 @@
 
 The file holds fp32 weights under the model's own parameter names plus the model config and
 step in its metadata, so sampling and evaluation load it with plain PyTorch (no DeepSpeed,
-no process group):
+no process group). Only a checkpoint whose every file matches its manifest (size and sha256) is
+read, and DeepSpeed's files only through the weights-only unpickler:
 
     selfflow export --run runs/tiny --out exports/tiny.safetensors [--student]
     model, meta = load_export("exports/tiny.safetensors")
@@ -31,15 +32,29 @@ def run_model_config(path: Path) -> MMDiTConfig:
     return load_config(MMDiTConfig, None, overrides)
 
 
+def newest_verified(run_dir: Path) -> Path:
+    """The newest checkpoint of `run_dir` whose files all match its manifest; the others are named."""
+    refused = []
+    for folder in checkpoints.step_folders(run_dir):
+        try:
+            checkpoints.verify(folder)
+        except (ValueError, OSError) as err:
+            refused.append(f"{folder.name}: {err}")
+            continue
+        for line in refused:
+            print(f"export: skipped {line}")
+        return folder
+    listing = "".join(f"\n  {line}" for line in refused)
+    raise FileNotFoundError(f"no complete checkpoint in {checkpoints.checkpoint_root(run_dir)}{listing}")
+
+
 def export(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None, student: bool = False) -> Path:
     """Write `out` (EMA) and, with `student`, `out` with a `.student` suffix; returns the EMA file."""
-    run_dir = Path(run_dir)
-    folder = Path(checkpoint) if checkpoint else next(iter(checkpoints.candidates(run_dir)), None)
-    if folder is None:
-        raise FileNotFoundError(f"no complete checkpoint in {checkpoints.checkpoint_root(run_dir)}")
-    issues = checkpoints.problems(folder)
-    if issues:
-        raise ValueError(f"checkpoint {folder} is not usable: {'; '.join(issues)}")
+    folder = Path(checkpoint) if checkpoint else newest_verified(Path(run_dir))
+    try:
+        checkpoints.verify(folder)  # every file against the manifest before anything is read
+    except (ValueError, OSError) as err:
+        raise ValueError(f"checkpoint {folder} is not usable: {err}") from None
     # the run's own resolved model config (pretraining and robotics finetuning runs both hold `model`)
     model_cfg = run_model_config(folder / "config.yaml")
     meta = {

@@ -1,0 +1,73 @@
+"""`selfflow train`: the pretraining task on the run loop, plus what training borrows from evaluation.
+
+Training (`selfflow.training`) never imports `selfflow.eval`; this job composes the two: periodic
+evaluation of the EMA weights is a callback given to the run loop, and REPA's frozen external
+encoder (`selfflow.eval.encoders.RepaEncoder`) is given to the pretraining task as a function.
+
+    selfflow train --config configs/train/demo.yaml        # = pretrain(load_config(PretrainConfig, ...))
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from selfflow.eval.encoders import RepaEncoder
+from selfflow.eval.evaluate import EvalConfig, evaluate, flat, write_eval
+from selfflow.training.run import Periodic, Run
+from selfflow.training.train import RepaTarget, TrainConfig, train
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    eval_every: int = 0  # evaluate the EMA weights every N optimizer steps and at the end (0: never)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # what periodic evaluation samples and measures
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+
+
+def periodic_eval(cfg: EvalConfig) -> Callable[[Run, int], None]:
+    """Evaluate the EMA weights on rank 0 into run_dir/evals/step_<step>, metrics to MLflow (`eval/...`).
+
+    Every rank enters the gather (ZeRO-3 assembles the teacher's weights collectively); the loop
+    waits for rank 0 and stops every rank if the evaluation failed.
+    """
+
+    def evaluate_ema(job: Run, step: int) -> None:
+        with job.ema.gathered() as model:
+            if job.info.rank == 0:
+                out = job.run_dir / "evals" / f"step_{step:07d}"
+                result = evaluate(model, cfg, out, step)
+                write_eval(result, {"path": str(job.run_dir), "step": step, "weights": "ema"}, out)
+                metrics = result["metrics"].items()
+                job.tracker.log_metrics({f"eval/{m}/{k}": v for m, ms in metrics for k, v in flat(ms).items()}, step)
+
+    return evaluate_ema
+
+
+def repa_target(cfg: TrainConfig) -> RepaTarget:
+    """REPA's targets from the local encoder, loaded on first use on the device the loss runs on."""
+    path = Path(cfg.objective.repa_encoder)
+    if not path.exists():
+        raise FileNotFoundError(f"objective.repa_encoder not found: {path}")
+    encoder: RepaEncoder | None = None
+
+    def target(images: Tensor, grid: tuple[int, int], device: torch.device) -> Tensor:
+        nonlocal encoder
+        if encoder is None:
+            encoder = RepaEncoder(path, device, image_size=cfg.objective.repa_image_size or None)
+        return encoder(images, grid).to(device)
+
+    return target
+
+
+def pretrain(cfg: PretrainConfig) -> Path:
+    """Train to `cfg.steps` steps with periodic evaluation; returns the run folder."""
+    repa = repa_target(cfg) if cfg.objective.method == "repa" else None
+    callbacks = [Periodic(cfg.eval_every, periodic_eval(cfg.eval), "evaluation")] if cfg.eval_every else []
+    return train(cfg, repa, callbacks)
