@@ -1,9 +1,8 @@
 """Weight loading: wrappers, prefixes, reports and shape errors."""
 
-from pathlib import Path
-
 import pytest
 import torch
+from hostile import write_evil_pickle
 from safetensors.torch import save_file
 
 from selfflow.backbone.checkpoint import load_weights
@@ -107,24 +106,9 @@ def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
     write_evil_pickle(evil, marker, {"ema": random_state()})
-    with pytest.raises(ValueError, match=r"refusing to unpickle .*evil\.pt.*GLOBAL.*\n.*convert it once to safetensors"):
+    refused = r"refusing to unpickle .*evil\.pt.*GLOBAL.*\n.*convert it once to safetensors"
+    with pytest.raises(ValueError, match=refused):
         load_weights(SiT(CFG), evil)
     assert not marker.exists()
     torch.load(evil, weights_only=False)  # the file is live: an unrestricted load runs its code
     assert marker.exists()
-
-
-class _WritesMarker:
-    """Unpickling this calls `Path.touch(marker)`: what a malicious checkpoint would do, harmlessly."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
-def write_evil_pickle(path: Path, marker: Path, payload: dict) -> None:
-    """A torch.save file whose unpickling creates `marker` (the payload's tensors load otherwise)."""
-    torch.save({**payload, "note": _WritesMarker(marker)}, path)
-    assert not marker.exists()

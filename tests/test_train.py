@@ -1,5 +1,5 @@
 """Training through real DeepSpeed on CPU (gloo): ZeRO-2/3 on 1 and 2 processes, EMA, exact resume,
-non-finite losses, corrupt checkpoints, export, and MLflow against a real server."""
+non-finite losses, a damaged checkpoint on one of two ranks, export, and MLflow against a real server."""
 
 import re
 import shutil
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hostile import flip_bit
 from mlflow_server import free_port, mlflow_server_fixture  # noqa: F401
 from train_runs import REPO, TRACE_KEYS, launch, metrics, trace
 
@@ -62,6 +63,25 @@ def test_resume_reproduces_uninterrupted_loss_trace(zero2_run, tmp_path):
     assert sorted(m.step for m in history) == list(range(1, 13))
 
 
+def test_one_ranks_damaged_file_makes_both_ranks_resume_from_the_previous_checkpoint(zero2_run, tmp_path):
+    run_dir = tmp_path / "damaged"
+    shutil.copytree(zero2_run, run_dir)
+    damaged = checkpoints.checkpoint_dir(run_dir, 12) / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    flip_bit(damaged)
+    resumed = launch(2, run_dir, "steps=12", "save_every=6")
+    said = resumed.stdout + resumed.stderr
+    assert f"refusing checkpoint {damaged.parent}: rank 1: {damaged.name} differs from the manifest" in said, said[
+        -3000:
+    ]
+    assert said.count("resumed from") == 1 and "at step 6" in said  # one decision, taken by both ranks
+    assert trace(metrics(run_dir)) == trace(metrics(zero2_run))  # steps 7-12 again, bit for bit
+    assert checkpoints.verify(checkpoints.checkpoint_dir(run_dir, 12))["world_size"] == 2
+
+    # a checkpoint of 2 processes is refused by a job of 1, with the reason
+    other = launch(1, run_dir, "steps=14", check=False)
+    assert other.returncode == 2 and "saved by 2 processes, this job has 1" in other.stderr
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_ema_equals_independent_ema_on_two_processes(stage):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
@@ -100,16 +120,17 @@ def test_non_finite_loss_stop_skip_and_corrupt_checkpoint(tmp_path):
     assert found, stopped.stderr[-2000:]
     assert metrics(run_dir)[-1]["step"] == int(found.group(1)) - 1  # logs stop right before the bad step
     assert (checkpoints.checkpoint_root(run_dir) / "latest").read_text().strip() == "step_00000004"
-    assert checkpoints.problems(checkpoints.checkpoint_dir(run_dir, 4)) == []
+    assert checkpoints.verify(checkpoints.checkpoint_dir(run_dir, 4))["step"] == 4
 
-    # a corrupt latest checkpoint is refused by name and the previous one is used
+    # a truncated file in the latest checkpoint is refused by name and the previous one is used
     shutil.copytree(run_dir, tmp_path / "corrupt")
     model_file = next(checkpoints.checkpoint_dir(tmp_path / "corrupt", 4).glob("*model_states.pt"))
     model_file.write_bytes(model_file.read_bytes()[:100])
     fallback = launch(1, tmp_path / "corrupt", "steps=5", "save_every=100")
     said = fallback.stdout + fallback.stderr
-    assert "refusing checkpoint" in said and "step_00000004" in said
+    assert re.search(r"refusing checkpoint \S*step_00000004: mp_rank_00_model_states\.pt has 100 bytes", said), said
     assert f"resumed from {checkpoints.checkpoint_dir(tmp_path / 'corrupt', 2)} at step 2" in said
+    assert (checkpoints.checkpoint_root(tmp_path / "corrupt") / "refused" / "step_00000004").is_dir()  # kept aside
 
     skipped = launch(1, run_dir, *poisoned, "nan_policy=skip")
     resumed = metrics(run_dir)[-2:]  # the skip run resumed at step 4 and logged steps 5 and 6
@@ -117,6 +138,17 @@ def test_non_finite_loss_stop_skip_and_corrupt_checkpoint(tmp_path):
     n_nan = sum(1 for r in resumed if r["loss"] != r["loss"])
     assert n_nan >= 1 and resumed[-1]["skipped"] == n_nan
     assert "skipping step" in skipped.stdout + skipped.stderr
+
+    # a diverged run does not skip on forever: it stops after max_skips_in_a_row non-finite steps in a row
+    every_step = ["modalities.video.data.item_noise=1e39", "modalities.audio.data.item_noise=1e39"]
+    diverged = launch(
+        1, run_dir, *poisoned, *every_step, "steps=12", "nan_policy=skip", "max_skips_in_a_row=3", check=False
+    )
+    assert diverged.returncode == 2
+    assert re.search(r"step 9, modality \w+: loss term fm is not finite; 3 steps in a row", diverged.stderr), (
+        diverged.stderr
+    )
+    assert (checkpoints.checkpoint_root(run_dir) / "latest").read_text().strip() == "step_00000006"
 
 
 def test_export_loads_without_deepspeed_and_samples(zero2_run, tmp_path):

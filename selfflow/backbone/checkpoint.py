@@ -136,8 +136,13 @@ def _strip(key: str) -> str:
 
 def load_export(path: str | Path) -> tuple[MMDiT, dict[str, str]]:
     """The exported model (eval mode, fp32) and the file's metadata."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"export not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as err:  # a pickle or a damaged file: safetensors reads its header and nothing else
+        raise ValueError(f"{path} is not a safetensors file written by `selfflow export` ({err})") from None
     if meta.get("format") != "selfflow-export-1":
         raise ValueError(f"{path} is not a selfflow export (metadata format {meta.get('format')!r})")
     model = MMDiT(MMDiTConfig(**json.loads(meta["model_config"])))

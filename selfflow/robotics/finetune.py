@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from selfflow.backbone.checkpoint import load_weights
+from selfflow.backbone.checkpoint import load_weights, read_checkpoint
 from selfflow.backbone.mmdit import MMDiT, MMDiTConfig, build_mmdit
 from selfflow.robotics.clips import ClipDataConfig, ClipStream
 from selfflow.robotics.video_action import VideoActionConfig, video_action_loss
@@ -67,11 +67,12 @@ class FinetuneConfig(RunConfig):
         check_objective(self.objective, self.model)
 
 
-def init_model(cfg: FinetuneConfig) -> MMDiT:
-    """The trunk, with every pretrained tensor of matching name and shape loaded from `cfg.init`."""
+def init_model(cfg: FinetuneConfig, weights: dict | None = None) -> MMDiT:
+    """The trunk, with every pretrained tensor of matching name and shape loaded from `cfg.init`
+    (or from `weights`, that file already read)."""
     model = build_mmdit(cfg.model)
     if cfg.init:
-        report = load_weights(model, cfg.init, strict=False)
+        report = load_weights(model, weights if weights is not None else cfg.init, strict=False)
         tqdm.write(f"finetune: loaded {cfg.init}\n{report}")
     return model
 
@@ -81,14 +82,14 @@ class FinetuneTask:
 
     def __init__(self, cfg: FinetuneConfig):
         self.cfg, self.micro_batch = cfg, cfg.batch_size
-        if cfg.init and not Path(cfg.init).is_file():  # inputs are checked before anything starts
-            raise FileNotFoundError(f"init checkpoint not found: {cfg.init}")
+        # inputs are checked before anything starts: the weights are read (safely) here
+        self.weights = read_checkpoint(cfg.init) if cfg.init else None
         if not Path(cfg.data.shards).exists():
             raise FileNotFoundError(f"clip shards not found: {cfg.data.shards}")
         self.clips: ClipStream | None = None
 
     def build_model(self) -> MMDiT:
-        return init_model(self.cfg)
+        return init_model(self.cfg, self.weights)
 
     def open_data(self, rank: int, positions: dict[str, int]) -> None:
         cfg = self.cfg
