@@ -242,8 +242,9 @@ def test_zero3_term_gives_every_module_that_sat_out_a_zero_gradient():
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
-def test_engine_learning_rate_is_the_one_the_optimizer_uses(stage):
-    """`Engine.set_lr` reaches the optimizer at every ZeRO stage: lr 0 leaves the weights alone, 1e-2 moves them."""
+def test_engine_learning_rate_and_non_finite_gradients_at_every_stage(stage):
+    """`Engine.set_lr` reaches the optimizer (lr 0 leaves the weights alone, 1e-2 moves them), and a
+    non-finite gradient behind a finite loss is not applied (`step()` says so)."""
     from selfflow.training.engine import init_distributed, shutdown
 
     info = init_distributed()
@@ -256,18 +257,24 @@ def test_engine_learning_rate_is_the_one_the_optimizer_uses(stage):
             torch.nn.init.normal_(p, std=0.05)
         engine = Engine.create(model, DeepSpeedConfig(zero_stage=stage, bf16=False), 2, info.device)
         ids = torch.zeros(2, 4, 4, dtype=torch.long)
-        moved = []
-        for lr in (0.0, 1e-2):
+        moved, applied = [], []
+        for lr, poison in ((0.0, False), (1e-2, False), (1e-2, True)):
             with engine.gathered():
                 before = [p.detach().clone() for p in engine.module.parameters()]
             engine.set_lr(lr)
-            loss = engine.module(torch.randn(2, 4, 16), torch.rand(2), ids, modality="image").pow(2).mean()
+            out = engine.module(torch.randn(2, 4, 16), torch.rand(2), ids, modality="image")
+            if poison:  # the loss stays finite, its gradient does not
+                out.register_hook(lambda g: g * float("inf"))
+            loss = out.pow(2).mean()
+            assert torch.isfinite(loss)
             engine.backward(loss)
-            assert engine.step() and engine.lr == lr
+            applied.append(engine.step())
+            assert engine.lr == lr
             with engine.gathered():
                 after = [p.detach().clone() for p in engine.module.parameters()]
             moved.append(max((a - b).abs().max().item() for a, b in zip(after, before, strict=True)))
-        assert moved[0] == 0.0 and moved[1] > 1e-4
+        assert applied == [True, True, False]
+        assert moved[0] == 0.0 and moved[1] > 1e-4 and moved[2] == 0.0
     finally:
         shutdown()
 

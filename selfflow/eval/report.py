@@ -149,13 +149,21 @@ def fmt(value) -> str:
 
 
 def plot_losses(runs: list[Run], out: Path) -> str:
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    """Training loss (smoothed) and the learning-rate schedule, side by side."""
+    fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(11, 3.5), gridspec_kw={"width_ratios": [3, 2]})
+    positive = True
     for run in runs:
         steps = [row["step"] for row in run.losses if row.get("loss") == row.get("loss")]  # drop NaN (skipped)
         losses = [row["loss"] for row in run.losses if row.get("loss") == row.get("loss")]
+        positive &= all(v > 0 for v in losses)
         ax.plot(steps, smooth(losses), label=run.name)
-    ax.set(xlabel="step", ylabel="loss (smoothed)", yscale="log", title="training loss")
+        rates = [(row["step"], row["lr"]) for row in run.losses if "lr" in row]
+        if rates:
+            ax_lr.plot(*zip(*rates, strict=True), label=run.name)
+    # Self-Flow's loss goes below 0 (the -cosine term): a log axis only when every value is positive
+    ax.set(xlabel="step", ylabel="loss (smoothed)", yscale="log" if positive else "linear", title="training loss")
     ax.legend()
+    ax_lr.set(xlabel="step", ylabel="learning rate", title="learning-rate schedule")
     return save_figure(fig, out / "media" / "loss.png")
 
 

@@ -368,8 +368,8 @@ class Engine:
         return not boundary or self.ds.skipped_steps == skipped
 
     def _grads_finite(self) -> bool:
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        return all(bool(torch.isfinite(g).all()) for g in grads)
+        flags = [torch.isfinite(p.grad).all() for p in self.module.parameters() if p.grad is not None]
+        return bool(torch.stack(flags).all()) if flags else True  # one host sync, not one per parameter
 
     @property
     def lr(self) -> float:

@@ -361,9 +361,15 @@ def save(job: Run) -> Path:
     with the error before anything is sealed or pruned."""
     cfg, info, state = job.cfg, job.info, job.state
     folder = checkpoints.checkpoint_dir(job.run_dir, state.step)
+    problem = None
     if info.rank == 0 and folder.exists():  # never written into: an unsealed leftover goes aside first
-        checkpoints.move_aside(folder, "an unsealed folder in the way of a new save")
-    barrier()
+        try:
+            checkpoints.move_aside(folder, "an unsealed folder in the way of a new save")
+        except OSError as err:
+            problem = write_error(folder, err)
+    problem = broadcast(problem)
+    if problem:
+        raise CheckpointError(f"could not make room for checkpoint {folder}: {problem}")
     errors = job.engine.save(folder, client_state={"step": state.step})
     fault_point("save.after_engine", state.step)
     errors += job.ema.save(folder / "ema.safetensors")
@@ -373,7 +379,14 @@ def save(job: Run) -> Path:
             save_config(cfg, folder / "config.yaml")
         except OSError as err:
             errors.append(write_error(folder / "state.json", err))
-    names = broadcast(sorted(p.name for p in folder.iterdir() if p.is_file()) if info.rank == 0 else None)
+    listing = None
+    if info.rank == 0:
+        try:
+            listing = sorted(p.name for p in folder.iterdir() if p.is_file())
+        except OSError as err:
+            listing = []
+            errors.append(write_error(folder / "*", err))
+    names = broadcast(listing)
     hashes = {}
     for name in names[info.rank :: info.world]:
         try:
@@ -396,9 +409,13 @@ def save(job: Run) -> Path:
             checkpoints.write_manifest(folder, files, {**meta, "run_uid": state.run_uid})
             fault_point("save.after_seal", state.step)
             checkpoints.set_latest(job.run_dir, folder)
-            checkpoints.prune(job.run_dir, cfg.keep_checkpoints, state.run_uid)
         except OSError as err:
             failure = write_error(folder / checkpoints.MANIFEST, err)
+        try:
+            if failure is None:
+                checkpoints.prune(job.run_dir, cfg.keep_checkpoints, state.run_uid)
+        except OSError as err:  # the new checkpoint is sealed; an old one that stays is no failure
+            tqdm.write(f"warning: could not prune old checkpoints: {err}")
     failure = broadcast(failure)
     if failure:
         raise CheckpointError(f"could not seal checkpoint {folder}: {failure}; the earlier checkpoints are untouched")
