@@ -68,9 +68,9 @@ def student_flops(config: str, overrides: list[str]) -> tuple[float, int]:
     """Student forward + backward FLOPs and data tokens of one step, for a single-modality run."""
     from selfflow.backbone.mmdit import MMDiT
     from selfflow.config import load_config
-    from selfflow.training.train import TrainConfig
+    from selfflow.pretrain import PretrainConfig  # what `selfflow train` reads
 
-    cfg = load_config(TrainConfig, config, overrides)
+    cfg = load_config(PretrainConfig, config, overrides)
     (name, mix), *rest = cfg.modalities.items()
     if rest:
         raise SystemExit("--peak-tflops needs a single-modality run (drop the others with modalities.NAME=null)")

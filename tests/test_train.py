@@ -11,11 +11,13 @@ import pytest
 import torch
 from hostile import flip_bit
 from mlflow_server import free_port, mlflow_server_fixture  # noqa: F401
-from train_runs import REPO, TRACE_KEYS, launch, metrics, trace
+from train_runs import REPO, TINY, TRACE_KEYS, launch, metrics, trace
 
+from selfflow.config import load_config
 from selfflow.flow.samplers import SamplerConfig, sample
 from selfflow.training import checkpoints
 from selfflow.training.export import export, load_export
+from selfflow.training.train import TrainConfig, draw_modality
 
 
 @pytest.fixture(scope="module")
@@ -170,11 +172,16 @@ def test_export_loads_without_deepspeed_and_samples(zero2_run, tmp_path):
     assert out.shape == (2, 16, 16) and torch.isfinite(out).all()
 
 
-def test_flow_matching_baseline_on_zero0_and_student_export(tmp_path):
+def test_flow_matching_baseline_on_zero0_with_grad_accum_and_student_export(tmp_path):
     run_dir = tmp_path / "fm"
-    launch(1, run_dir, "steps=4", "save_every=4", "objective.method=fm", "deepspeed.zero_stage=0")
+    launch(
+        1, run_dir, "steps=4", "save_every=4", "objective.method=fm", "deepspeed.zero_stage=0", "deepspeed.grad_accum=2"
+    )
     rows = metrics(run_dir)
-    assert len(rows) == 4 and all(r["rep"] == 0.0 and r["loss"] == r["fm"] for r in rows)
+    assert len(rows) == 4 and all(r["rep"] == 0.0 for r in rows)
+    cfg = load_config(TrainConfig, TINY)
+    for row in rows:  # both micro-batches of an optimizer step are of the step's one modality
+        assert [k for k in row if k.startswith("loss/")] == [f"loss/{draw_modality(cfg, row['step'] - 1)}"]
     export(run_dir, tmp_path / "fm.safetensors", student=True)
     student, meta = load_export(tmp_path / "fm.student.safetensors")
     assert meta["weights"] == "student"
