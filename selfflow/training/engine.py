@@ -1,4 +1,5 @@
-"""The one file that knows DeepSpeed and torch.distributed: processes, collectives, the engine, the EMA.
+"""The one file that knows DeepSpeed (and training's only torch.distributed user): processes, collectives,
+the engine, the EMA.
 
 Everything ZeRO-specific lives here (stages, partitioned parameters, gathering, how DeepSpeed
 writes and reads its checkpoint files); the run loop (`run.py`) sees an `Engine` with
