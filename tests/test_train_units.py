@@ -94,6 +94,7 @@ def test_modality_draw_frequencies_and_agreement():
         ("objective.teacher_layer=99", "layers"),
         ("nan_policy=ignore", "nan_policy"),
         ("deepspeed.zero_stage=4", "zero_stage"),
+        ("deepspeed.bf16=true deepspeed.zero_stage=0", "bf16 needs zero_stage 1-3"),
         ("modalities.image.data.channels=7", "model.modalities.image"),
         ("objective.method=repa", "repa_encoder"),
         ("model.projector_dim=32", "projector_dim must equal model.hidden_size 64"),
@@ -104,7 +105,7 @@ def test_modality_draw_frequencies_and_agreement():
 )
 def test_train_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(TrainConfig, "configs/train/tiny.yaml", [override])
+        load_config(TrainConfig, "configs/train/tiny.yaml", override.split())
 
 
 def test_modality_entries_start_from_their_defaults():

@@ -73,6 +73,8 @@ class DeepSpeedConfig:
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.bf16 and self.zero_stage == 0:  # DeepSpeed: "unsupported mix of bf16 and grad_accum_dtype fp32"
+            raise ValueError("bf16 needs zero_stage 1-3 (DeepSpeed accumulates bf16 gradients in fp32 only with ZeRO)")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("grad_clip and weight_decay must be >= 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
