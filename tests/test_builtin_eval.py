@@ -70,8 +70,8 @@ def test_caption_checker_real_vs_shuffled(items, modality):
     real = caption_accuracy(modality, items[modality])
     fake = caption_accuracy(modality, shuffled(items[modality]))
     expected = {
-        "image": {"background", "color", "shape", "size", "count", "position", "layout"},
-        "video": {"background", "color", "shape", "size", "position", "direction", "speed"},
+        "image": {"background", "color", "shape", "size", "count", "layout"},
+        "video": {"background", "color", "shape", "size", "direction", "speed"},
         "audio": {"pitch", "onsets", "timbre", "tempo"},
     }[modality]
     assert set(real["per_attribute"]) == expected and real["count"] == COUNTS[modality]
@@ -95,11 +95,16 @@ def test_image_checks_follow_each_attribute():
         assert all(score_image(synth_visual.render_image(scene, size), attrs).values())
         swapped = [(other_shape[o.shape], o.rgb, o.center, o.radius) for o in scene.objects]
         scores = score_image(synth_visual.render(scene.background_rgb, swapped, size), attrs)
-        assert not scores["shape"] and scores["color"] and scores["position"] and scores["background"], scores
+        assert not scores["shape"] and scores["color"] and scores["layout"] and scores["background"], scores
         recoloured = [(o.shape, synth_visual.PALETTE[_other_color(scene)], o.center, o.radius) for o in scene.objects]
         scores = score_image(synth_visual.render(scene.background_rgb, recoloured, size), attrs)
         assert not scores["color"] and scores["background"], scores
-        assert not score_image(np.ascontiguousarray(synth_visual.render_image(scene, size)[:, ::-1]), attrs)["position"]
+        flip = _flip_against_layout(scene)
+        if flip is not None:  # mirrored across the stated layout: only the layout is wrong
+            scores = score_image(np.ascontiguousarray(flip(synth_visual.render_image(scene, size))), attrs)
+            assert not scores["layout"] and scores["color"] and scores["count"], (
+                scores
+            )  # (a flipped triangle points down)
         fewer = [(o.shape, o.rgb, o.center, o.radius) for o in scene.objects[:-1]]  # the last object left out
         scores = score_image(synth_visual.render(scene.background_rgb, fewer, size), attrs)
         assert not scores["count"] and scores["background"], scores
@@ -113,7 +118,7 @@ def test_video_played_backwards_moves_the_other_way():
         attrs = {**_asdict(scene), "video_size": cfg.video_size}
         assert all(score_video(frames, attrs).values())
         scores = score_video(np.ascontiguousarray(frames[::-1]), attrs)
-        assert not scores["direction"] and not scores["position"], scores
+        assert not scores["direction"] and scores["color"], scores
         assert scores["shape"] and scores["size"] and scores["speed"], scores  # the object itself is unchanged
 
 
@@ -147,6 +152,16 @@ def test_caption_accuracy_rejects_bad_input(items):
 def _asdict(obj) -> dict:
     """A scene or clip as its synth `json` holds it (dataclasses through json, as `synth.make_sample` writes)."""
     return json.loads(json.dumps(dataclasses.asdict(obj)))
+
+
+def _flip_against_layout(scene):
+    """The mirror that breaks the scene's stated region or relation (None for the centre region)."""
+    where = scene.groups[0].region if scene.relation is None else scene.relation
+    if where in ("left", "right", "left of", "right of"):
+        return lambda pixels: pixels[:, ::-1]
+    if where in ("top", "bottom", "above", "below"):
+        return lambda pixels: pixels[::-1]
+    return None
 
 
 def _other_color(scene) -> str:

@@ -173,6 +173,28 @@ def test_corrupt_samples_and_shards_are_skipped_and_named(tmp_path, capsys):
     assert "bad-png" in printed and "shard-000002.tar" in printed and "5 written" in printed
 
 
+@pytest.mark.parametrize("truncate", [False, True])
+def test_captions_longer_than_max_length_are_skipped_or_cut_and_counted(tmp_path, truncate):
+    synth(SynthConfig(out_dir=str(tmp_path / "raw"), num_images=6, num_videos=0, num_audio=0, samples_per_shard=6))
+    only_image = {"image": tiny_modalities()["image"]}
+    cfg = PrepareConfig(raw_dir=str(tmp_path / "raw"), out_dir=str(tmp_path / "out"), modalities=only_image)
+    cfg.text.max_length, cfg.text.truncate = 14, truncate  # the built-in captions take 9 to 30 sentencepiece tokens
+    summary = prepare(cfg)["modalities"]["image"]
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=cfg.text.path)
+    raw = raw_samples(tmp_path / "raw", "image")
+    long = sorted(key for key, item in raw.items() if len(sp.encode(item["caption"])) > 14)  # counted independently
+    assert 0 < len(long) < 6
+    reason = "caption cut to text.max_length" if truncate else "caption longer than text.max_length"
+    assert sorted(summary["reasons"][reason]["examples"]) == long
+    written = set(latent_shard_members(tmp_path / "out" / "image" / "latent-000000.tar"))
+    if truncate:
+        assert summary["captions_cut"] == len(long) and summary["skipped"] == 0 and written == set(raw)
+    else:
+        assert summary["skipped"] == len(long) and written == set(raw) - set(long)
+
+
 def test_loader_skips_and_counts_a_corrupt_latent_sample(prepared, tmp_path):
     cfg, _ = prepared
     members = latent_shard_members(Path(cfg.out_dir) / "image" / "latent-000000.tar")

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import webdataset as wds
 
-from selfflow.data.batch import LatentBatch, mix_seed
+from selfflow.data.batch import LatentBatch, mix_seed, stack_text
 
 
 @dataclass
@@ -117,11 +117,7 @@ class _Batcher:
 def collate(samples: list[dict]) -> LatentBatch:
     x0 = torch.stack([s["latent"]["tokens"] for s in samples]).float()
     ids = torch.stack([s["latent"]["ids"] for s in samples]).long()
-    text = text_mask = None
-    if samples[0]["text"] is not None:
-        values = [s["text"]["ids"] for s in samples]
-        text = torch.stack(values) if not values[0].is_floating_point() else torch.stack(values).float()
-        text_mask = torch.stack([s["text"]["mask"] for s in samples]).bool()
+    text, text_mask = stack_text(samples)
     labels = torch.tensor([s["label"] for s in samples])
     return LatentBatch(x0, ids, text, text_mask, labels, [s["key"] for s in samples])
 

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from selfflow.config import save_config
 from selfflow.data.prepare_worker import (
+    CAPTION_CUT,
     DAMAGED_SHARD,
     TOKEN_DTYPES,
     ShardResult,
@@ -216,6 +217,9 @@ def drain(progress, bar: tqdm, shown: dict[str, int], wait_s: float = 0.0) -> No
                 tqdm.write(f"skipped ({reason}) {detail}")
 
 
+NOT_SKIPPED = (DAMAGED_SHARD, CAPTION_CUT)  # counted apart: shards, and samples written with a cut caption
+
+
 def summarize(cfg: PrepareConfig, by_key: dict[str, list[ShardResult]], seconds: float) -> dict:
     """Written and skipped counts per modality, skip reasons with example keys (shard names for damaged shards)."""
     modalities = {}
@@ -226,7 +230,8 @@ def summarize(cfg: PrepareConfig, by_key: dict[str, list[ShardResult]], seconds:
                 reasons[reason] += keys
         modalities[key] = {
             "written": sum(r.written for r in results),
-            "skipped": sum(len(keys) for reason, keys in reasons.items() if reason != DAMAGED_SHARD),
+            "skipped": sum(len(keys) for reason, keys in reasons.items() if reason not in NOT_SKIPPED),
+            "captions_cut": len(reasons.get(CAPTION_CUT, [])),
             "damaged_shards": len(reasons.get(DAMAGED_SHARD, [])),
             "shards": sum(1 for r in results if r.written),
             "reasons": {

@@ -35,6 +35,8 @@ from selfflow.modalities.text import HFTextEncoder, SentencePieceTokenizer, Text
 
 TOKEN_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DAMAGED_SHARD = "damaged shard"
+CAPTION_TOO_LONG = "caption longer than text.max_length"  # the sample is skipped
+CAPTION_CUT = "caption cut to text.max_length"  # text.truncate=true: written with the cut caption, counted
 
 
 @dataclass
@@ -100,13 +102,14 @@ class Worker:
             self.modality_cfg = cfg
         return self.modality
 
-    def encode_text(self, captions: list[str]) -> tuple[Tensor, Tensor] | None:
+    def encode_text(self, captions: list[str]) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(ids or embeddings, mask, each caption's full token count) on the CPU, or None without text."""
         if self.text is None:
             return None
         if isinstance(self.text, SentencePieceTokenizer):
             return tuple(self.text(captions))
-        emb, mask = self.text.encode(captions)
-        return emb.to("cpu", torch.float16), mask.cpu()
+        emb, mask, lengths = self.text.encode(captions)
+        return emb.to("cpu", torch.float16), mask.cpu(), lengths
 
     def report(self, done: int, reason: str | None = None, detail: str | None = None) -> None:
         self.queue.put((done, reason, detail))
@@ -190,6 +193,15 @@ def encode_batch(worker: Worker, modality: Modality, items: list[Item], result: 
             result.skipped["non-finite latent"].append(item.key)
             worker.report(1, "non-finite latent", item.key)
     keep = [i for i, ok in enumerate(finite) if ok]
+    text = worker.encode_text([it.caption for it in items]) if writer is not None else None
+    if text is not None:  # a caption longer than text.max_length: skipped, or cut and counted (text.truncate)
+        limit = worker.setup.text.max_length
+        for i in [i for i in keep if int(text[2][i]) > limit]:
+            reason = CAPTION_CUT if worker.setup.text.truncate else CAPTION_TOO_LONG
+            result.skipped[reason].append(items[i].key)
+            worker.report(0, reason, f"{items[i].key}: {int(text[2][i])} tokens > {limit}")
+            if not worker.setup.text.truncate:
+                keep.remove(i)
     if not keep:
         return
     if writer is None:
@@ -197,7 +209,6 @@ def encode_batch(worker: Worker, modality: Modality, items: list[Item], result: 
         worker.report(len(keep))
         return
     tokens, ids = modality.tokenize(latent)  # (B, L, C), (B, L, 4)
-    text = worker.encode_text([it.caption for it in items])
     shape = list(latent.shape[1:])
     dtype = TOKEN_DTYPES[worker.setup.dtype]
     for i in keep:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from selfflow.backbone.mmdit import MMDiT
+from selfflow.data.batch import stack_text
 from selfflow.data.loader import decode_sample, shard_list
 from selfflow.data.raw import read_shard
 from selfflow.eval.sample import sample_seed
@@ -63,11 +64,7 @@ def read_eval_set(data_dir: str | Path, modality: str, count: int, allow_fewer: 
         raise ValueError(f"{data_dir}/{modality}: asked for {count} evaluation items, found {len(samples)}")
     if "latent_shape" not in metas[0]:
         raise ValueError(f"{data_dir}/{modality}: item {samples[0]['key']} has no latent_shape in its json")
-    text = mask = None
-    if samples[0]["text"] is not None:
-        text = torch.stack([s["text"]["ids"] for s in samples])
-        text = text.float() if text.is_floating_point() else text.long()
-        mask = torch.stack([s["text"]["mask"] for s in samples]).bool()
+    text, mask = stack_text(samples)
     return EvalSet(
         modality,
         torch.stack([s["latent"]["tokens"] for s in samples]).float(),

@@ -27,7 +27,11 @@ TEXT_KINDS = ("none", "sentencepiece", "t5", "causal_lm")
 class TextConfig:
     kind: str = "none"  # none | sentencepiece | t5 | causal_lm
     path: str | None = None  # sentencepiece .model file or a transformers folder
-    max_length: int = 64  # tokens; longer captions are truncated, shorter ones padded (mask False)
+    max_length: int = 64  # tokens; shorter captions are padded (mask False)
+    # a longer caption: False (default) skips its sample in `selfflow prepare` (counted and named in
+    # summary.json: a caption cut before its key words would train on the wrong text); True cuts it
+    # to max_length and counts it
+    truncate: bool = False
     layers: list[int] = field(default_factory=lambda: [-1])  # causal_lm: hidden states stacked along channels
 
     def __post_init__(self):
@@ -42,11 +46,13 @@ class TextConfig:
 class TextTokens(NamedTuple):
     ids: Tensor  # (B, L) int64
     mask: Tensor  # (B, L) bool, False on padding
+    lengths: Tensor  # (B,) each caption's token count before any cut to max_length
 
 
 class TextEmbeddings(NamedTuple):
     embeddings: Tensor  # (B, L, D)
     mask: Tensor  # (B, L) bool, False on padding
+    lengths: Tensor  # (B,) each caption's token count before any cut to max_length
 
 
 def train_sentencepiece(captions: Iterable[str], path: str | Path, vocab_size: int = 256) -> Path:
@@ -88,10 +94,11 @@ class SentencePieceTokenizer:
 
     def __call__(self, texts: list[str]) -> TextTokens:
         ids = torch.zeros(len(texts), self.max_length, dtype=torch.long)  # pad id 0
-        for i, pieces in enumerate(self.sp.encode(list(texts))):
+        encoded = self.sp.encode(list(texts))
+        for i, pieces in enumerate(encoded):
             pieces = pieces[: self.max_length]
             ids[i, : len(pieces)] = torch.tensor(pieces, dtype=torch.long)
-        return TextTokens(ids, ids != 0)
+        return TextTokens(ids, ids != 0, torch.tensor([len(p) for p in encoded]))
 
 
 class HFTextEncoder:
@@ -119,9 +126,10 @@ class HFTextEncoder:
             list(texts), padding="max_length", truncation=True, max_length=self.cfg.max_length, return_tensors="pt"
         ).to(self.model.device)
         mask = batch["attention_mask"].bool()
+        lengths = torch.tensor([len(ids) for ids in self.tokenizer(list(texts), truncation=False)["input_ids"]])
         if self.cfg.kind == "t5":
             hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         else:
             out = self.model(**batch, output_hidden_states=True)
             hidden = torch.cat([out.hidden_states[i] for i in self.cfg.layers], dim=-1)
-        return TextEmbeddings(hidden * mask[..., None], mask)
+        return TextEmbeddings(hidden * mask[..., None], mask, lengths)
