@@ -283,3 +283,17 @@ def test_engine_learning_rate_and_non_finite_gradients_at_every_stage(stage):
 def test_compile_is_refused_with_zero3():
     with pytest.raises(ConfigError, match="compile"):
         load_config(TrainConfig, "configs/train/tiny.yaml", ["compile=true", "deepspeed.zero_stage=3"])
+
+
+def test_threads_per_process_shares_the_cores_among_the_nodes_processes(monkeypatch):
+    import os
+
+    from selfflow.training.run import threads_per_process
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert threads_per_process(0) == cores and threads_per_process(3) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores * 2))
+    assert threads_per_process(0) == 1  # never zero
+    with pytest.raises(ConfigError, match="threads"):
+        load_config(TrainConfig, "configs/train/tiny.yaml", ["threads=-1"])
