@@ -178,13 +178,13 @@ def test_captions_longer_than_max_length_are_skipped_or_cut_and_counted(tmp_path
     synth(SynthConfig(out_dir=str(tmp_path / "raw"), num_images=6, num_videos=0, num_audio=0, samples_per_shard=6))
     only_image = {"image": tiny_modalities()["image"]}
     cfg = PrepareConfig(raw_dir=str(tmp_path / "raw"), out_dir=str(tmp_path / "out"), modalities=only_image)
-    cfg.text.max_length, cfg.text.truncate = 14, truncate  # the built-in captions take 9 to 30 sentencepiece tokens
+    cfg.text.max_length, cfg.text.truncate = 30, truncate  # these captions take 25 to 35 sentencepiece tokens
     summary = prepare(cfg)["modalities"]["image"]
     import sentencepiece
 
     sp = sentencepiece.SentencePieceProcessor(model_file=cfg.text.path)
     raw = raw_samples(tmp_path / "raw", "image")
-    long = sorted(key for key, item in raw.items() if len(sp.encode(item["caption"])) > 14)  # counted independently
+    long = sorted(key for key, item in raw.items() if len(sp.encode(item["caption"])) > 30)  # counted independently
     assert 0 < len(long) < 6
     reason = "caption cut to text.max_length" if truncate else "caption longer than text.max_length"
     assert sorted(summary["reasons"][reason]["examples"]) == long

@@ -214,7 +214,7 @@ def drain(progress, bar: tqdm, shown: dict[str, int], wait_s: float = 0.0) -> No
         if reason is not None:
             shown[reason] += 1
             if shown[reason] <= MAX_EXAMPLES:
-                tqdm.write(f"skipped ({reason}) {detail}")
+                tqdm.write(f"{'written' if reason == CAPTION_CUT else 'skipped'} ({reason}) {detail}")
 
 
 NOT_SKIPPED = (DAMAGED_SHARD, CAPTION_CUT)  # counted apart: shards, and samples written with a cut caption
