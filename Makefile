@@ -23,23 +23,52 @@ demo: $(STAMP)
 	$(BIN)/selfflow eval --config configs/eval/demo.yaml
 	$(BIN)/selfflow report runs=[runs/demo] out_dir=runs/demo/report
 
-# Vanilla flow matching, REPA (the built-in image feature net as its encoder) and Self-Flow on the
-# demo's model, data, seed and step budget, each evaluated (with a block-2 linear probe), then one
-# report. fm runs first: its evaluation trains the feature nets that REPA then aligns to.
+# Flow matching, REPA, Self-Flow and Self-Flow's four ablations on the demo's model, data and step
+# budget, COMPARE_SEEDS seeds each (the seed changes the run's `seed`: initialisation, data order,
+# noise), each evaluated once at the end: no guidance (the reported set) plus a labelled guided set,
+# block-2 linear probes at t = 0, 0.25, 0.5. Then one report: mean ± std over seeds per method and
+# which differences exceed the seed-to-seed spread. Runs go to runs/compare/<variant>/seed<N>; a run
+# whose final eval.json exists is skipped (delete runs/compare to start over). fm runs first: its
+# evaluation trains the built-in feature nets that REPA then aligns to.
+# COMPARE_EVAL_EVERY > 0 adds periodic evaluations (metric-vs-step plots) at extra cost;
+# COMPARE_GUIDED_CFG is the guided set's CFG scale (0: no guided set).
 COMPARE_STEPS ?= 1500
+COMPARE_SEEDS ?= 0 1 2
+COMPARE_EVAL_EVERY ?= 0
+COMPARE_GUIDED_CFG ?= 2.0
+COMPARE_VARIANTS := fm repa selfflow no_rep_loss no_masking cleaner_s l2_loss
+# One line per variant: its config overrides on top of configs/train/demo.yaml (REPA's is the only
+# place that says how REPA is configured).
+COMPARE_fm := objective.method=fm
+COMPARE_repa := objective.method=repa objective.repa_encoder=data/demo/feature_nets/image.safetensors model.projector_dim=64
+COMPARE_selfflow := objective.method=selfflow
+COMPARE_no_rep_loss := objective.method=selfflow objective.gamma=0
+COMPARE_no_masking := objective.method=selfflow objective.masking=false
+COMPARE_cleaner_s := objective.method=selfflow objective.second_timestep=slightly_cleaner
+COMPARE_l2_loss := objective.method=selfflow objective.rep_loss=l2
+COMPARE_RUNS := $(foreach v,$(COMPARE_VARIANTS),$(foreach s,$(COMPARE_SEEDS),runs/compare/$(v)/seed$(s)))
+comma := ,
+empty :=
+space := $(empty) $(empty)
+
+# $(1) variant, $(2) seed: train, export and evaluate one run (one recipe line, skipped when done).
+define compare_run
+	test -f runs/compare/$(1)/seed$(2)/evals/final/eval.json || { \
+	  $(BIN)/selfflow train --config configs/train/demo.yaml run_dir=runs/compare/$(1)/seed$(2) seed=$(2) \
+	    steps=$(COMPARE_STEPS) save_every=500 eval_every=$(COMPARE_EVAL_EVERY) $(COMPARE_$(1)) && \
+	  $(BIN)/selfflow export --run runs/compare/$(1)/seed$(2) --out runs/compare/$(1)/seed$(2)/export/ema.safetensors && \
+	  $(BIN)/selfflow eval --config configs/eval/demo.yaml checkpoint=runs/compare/$(1)/seed$(2)/export/ema.safetensors \
+	    out_dir=runs/compare/$(1)/seed$(2)/evals/final eval.sampler.cfg_scale=1.0 eval.guided_cfg=$(COMPARE_GUIDED_CFG) \
+	    eval.probe_layer=2 'eval.probe_noise_levels=[0.0, 0.25, 0.5]'; }
+
+endef
+
 compare: $(STAMP)
 	$(BIN)/selfflow synth --config configs/data/synth.yaml
 	$(BIN)/selfflow prepare --config configs/data/prepare_demo.yaml
-	for method in fm repa selfflow; do \
-	  extra=""; [ $$method = repa ] && extra="objective.repa_encoder=data/demo/feature_nets/image.safetensors model.projector_dim=64"; \
-	  $(BIN)/selfflow train --config configs/train/demo.yaml run_dir=runs/compare/$$method objective.method=$$method \
-	    steps=$(COMPARE_STEPS) save_every=500 eval_every=500 $$extra || exit 1; \
-	  $(BIN)/selfflow export --run runs/compare/$$method --out runs/compare/$$method/export/ema.safetensors || exit 1; \
-	  $(BIN)/selfflow eval --config configs/eval/demo.yaml checkpoint=runs/compare/$$method/export/ema.safetensors \
-	    out_dir=runs/compare/$$method/evals/final eval.probe_layer=2 || exit 1; \
-	done
-	$(BIN)/selfflow report runs=[runs/compare/fm,runs/compare/repa,runs/compare/selfflow] out_dir=runs/compare/report \
-	  "title=Flow matching vs REPA vs Self-Flow ($(COMPARE_STEPS) steps)"
+	$(foreach v,$(COMPARE_VARIANTS),$(foreach s,$(COMPARE_SEEDS),$(call compare_run,$(v),$(s))))
+	$(BIN)/selfflow report runs=[$(subst $(space),$(comma),$(COMPARE_RUNS))] out_dir=runs/compare/report \
+	  "title=Flow matching vs REPA vs Self-Flow and its ablations ($(COMPARE_STEPS) steps, seeds $(COMPARE_SEEDS))"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -14,8 +14,9 @@ from selfflow.backbone.mmdit import MMDiTConfig, build_mmdit
 from selfflow.cli import main
 from selfflow.eval.builtin_features import attribute_targets, load_feature_net, train_feature_net
 from selfflow.eval.encoders import RepaEncoder
+from selfflow.eval.evaluate import EvalConfig, evaluate, flat
 from selfflow.eval.generate import generate, read_eval_set
-from selfflow.eval.probe import fit_logistic, linear_probe
+from selfflow.eval.probe import fit_logistic, linear_probe, linear_probes, probe_features
 from selfflow.flow.samplers import SamplerConfig
 
 SMALL = ["num_images=24", "num_videos=12", "num_audio=12", "samples_per_shard=8"]
@@ -99,6 +100,7 @@ def test_train_eval_report_end_to_end(data, tmp_path):
         "eval.save_media=2",
         "eval.probe_layer=1",
         "eval.probe_items=8",
+        "eval.guided_cfg=2.0",
     ]
     shards = [f"modalities.{m}.shards={data / 'lat' / m}" for m in MODALITIES]
     launch(1, run, "steps=3", "save_every=3", *shards, *eval_keys, config=REPO / "configs/train/tiny_synth.yaml")
@@ -118,6 +120,10 @@ def test_train_eval_report_end_to_end(data, tmp_path):
     client = MlflowClient(tracking_uri=record["tracking_uri"])
     logged = client.get_metric_history(record["run_id"], "eval/image/fd_builtin")
     assert [(m.step, m.value) for m in logged] == [(3, pytest.approx(periodic["metrics"]["image"]["fd_builtin"]))]
+    guided = client.get_metric_history(record["run_id"], "eval/image/guided/fd_builtin")
+    assert [m.value for m in guided] == [pytest.approx(periodic["metrics"]["image"]["guided"]["fd_builtin"])]
+    noised = client.get_metric_history(record["run_id"], "eval/audio/linear_probe_t0.5")
+    assert [m.value for m in noised] == [pytest.approx(periodic["metrics"]["audio"]["linear_probe_t0.5"]["accuracy"])]
 
     export = tmp_path / "ema.safetensors"
     assert main(["export", "--run", str(run), "--out", str(export)]) == 0
@@ -144,6 +150,8 @@ def test_train_eval_report_end_to_end(data, tmp_path):
     for path in ("media/loss.png", "media/run_step3_image_grid.png", "media/final_step3_audio_000.wav"):
         assert (report / path).is_file() and path in page
     assert '<audio controls src="media/run_step3_audio_000.wav">' in page
+    assert "| run (no guidance) |" in markdown and "| run (CFG 2) |" in markdown
+    assert (report / "media/run_step3_guided_image_grid.png").is_file()
     artifacts = {a.path for a in client.list_artifacts(record["run_id"], "report")}
     assert {"report/report.html", "report/report.md", "report/media"} <= artifacts
 
@@ -180,3 +188,89 @@ def test_repa_targets_from_the_builtin_feature_net(data):
     maps = torch.nn.functional.interpolate(net.spatial(images), size=(16, 16), mode="bilinear")
     assert targets.shape == (3, 256, encoder.feature_dim) and encoder.feature_dim == maps.shape[1]
     torch.testing.assert_close(targets, maps.flatten(2).transpose(1, 2))
+
+
+def test_unguided_and_guided_sets_are_labelled_and_independent(data, tmp_path):
+    """The reported set samples without guidance by default; the guided set is exactly what the same
+    evaluation with cfg_scale = guided_cfg reports, under its own key, files and MLflow names."""
+    model = tiny_model()
+    cfg = EvalConfig(
+        data=str(data / "lat"),
+        feature_nets=str(data / "nets"),
+        modalities=["image", "video"],
+        num_samples=4,
+        sampler=SamplerConfig(kind="euler", num_steps=3),
+        guided_cfg=3.0,
+        save_media=2,
+    )
+    assert EvalConfig().sampler.cfg_scale == 1.0 and EvalConfig().guided_cfg == 0
+    both = evaluate(model, cfg, tmp_path / "both", step=0)
+    alone = evaluate(model, replace(cfg, guided_cfg=0.0, modalities=["image"]), tmp_path / "alone", step=0)
+    as_reported = replace(cfg, sampler=replace(cfg.sampler, cfg_scale=3.0), guided_cfg=0.0)
+    guided_alone = evaluate(model, as_reported, tmp_path / "guided_alone", step=0)
+
+    metrics, guided = both["metrics"]["image"], both["metrics"]["image"]["guided"]
+    unguided = alone["metrics"]["image"]
+    for key in ("fd_builtin", "caption_accuracy", "caption_accuracy_real"):
+        assert metrics[key] == unguided[key], key
+    # the real items' statistics, computed once and shared by both sets, give the same numbers
+    for name, keys in (("image", ["fd_builtin", "caption_accuracy"]), ("video", ["fd_builtin", "fvd"])):
+        for key in keys:
+            assert both["metrics"][name]["guided"][key] == guided_alone["metrics"][name][key], (name, key)
+    assert guided["fd_builtin"] != metrics["fd_builtin"]
+    assert "caption_accuracy_real" not in guided and "guided" not in unguided
+    assert both["protocol"]["sets"] == {"metrics.<modality>": "no guidance", "metrics.<modality>.guided": "CFG 3"}
+    assert alone["protocol"]["sets"] == {"metrics.<modality>": "no guidance"}
+    assert guided_alone["protocol"]["sets"] == {"metrics.<modality>": "CFG 3"}
+    # MLflow names (`eval/<modality>/<key>`, pretrain.periodic_eval) tell the sets apart
+    logged = flat(metrics)
+    assert logged["guided/fd_builtin"] == guided["fd_builtin"] and logged["fd_builtin"] == metrics["fd_builtin"]
+    assert logged["guided/caption_accuracy"] == guided["caption_accuracy"]["overall"]
+    assert both["media"]["image"]["files"] == ["samples/image_grid.png"]
+    assert both["media"]["image"]["guided"]["files"] == ["samples/guided_image_grid.png"]
+    assert (tmp_path / "both" / "samples" / "guided_image_grid.png").is_file()
+    with pytest.raises(ValueError, match="guided_cfg"):
+        replace(cfg, guided_cfg=1.0)
+
+
+def test_noised_probe_uses_fixed_noise_at_each_level(data, tmp_path):
+    model = tiny_model()
+    probes = linear_probes(model, str(data / "lat"), "image", layer=1, items=24, levels=[0.0, 0.25, 0.5], seed=5)
+    assert list(probes) == ["linear_probe", "linear_probe_t0.25", "linear_probe_t0.5"]
+    assert [p["t"] for p in probes.values()] == [0.0, 0.25, 0.5]
+    assert probes["linear_probe"] == linear_probe(model, str(data / "lat"), "image", layer=1, items=24, seed=5)
+    assert len({p["majority"] for p in probes.values()}) == 1  # the same items, split and targets at every level
+
+    # the features at t = 0.5: the trunk on x0 halfway to noise drawn from a generator seeded by `seed`
+    items = read_eval_set(data / "lat", "image", 24)
+    noise = torch.randn(items.x0.shape, generator=torch.Generator().manual_seed(5))
+    t = torch.full((24,), 0.5)
+    with torch.no_grad():
+        hidden = model.hidden_states(0.5 * items.x0 + 0.5 * noise, t, items.ids, layer=1, modality="image")
+    features = probe_features(model, items.x0, items.ids, "image", layer=1, t=0.5, seed=5)
+    torch.testing.assert_close(features, hidden.mean(dim=1), rtol=1e-5, atol=1e-6)
+    clean = probe_features(model, items.x0, items.ids, "image", layer=1, t=0.0, seed=5)
+    assert (features - clean).abs().max() > 1e-3
+
+    # in an evaluation: one probe per level, the t = 0 one under its old key, seeded by eval.seed
+    cfg = EvalConfig(
+        data=str(data / "lat"),
+        feature_nets=str(data / "nets"),
+        modalities=["image"],
+        num_samples=2,
+        sampler=SamplerConfig(kind="euler", num_steps=1),
+        save_media=1,
+        seed=5,
+        probe_layer=1,
+        probe_items=24,
+        probe_noise_levels=[0.0, 0.5],
+    )
+    result = evaluate(model, cfg, tmp_path / "eval", step=0)
+    metrics = result["metrics"]["image"]
+    assert metrics["linear_probe"] == probes["linear_probe"]
+    assert metrics["linear_probe_t0.5"] == probes["linear_probe_t0.5"]
+    assert "linear_probe_t0.25" not in metrics
+    assert result["protocol"]["probe"]["noise_levels"] == [0.0, 0.5]
+    assert flat(metrics)["linear_probe_t0.5"] == probes["linear_probe_t0.5"]["accuracy"]
+    with pytest.raises(ValueError, match="probe_noise_levels"):
+        replace(cfg, probe_noise_levels=[0.5, 1.0])

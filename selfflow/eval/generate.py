@@ -6,9 +6,10 @@ modality's autoencoder are the real reference, and their stored attributes say w
 asked for. Sample i draws all of its noise from a generator seeded by `(seed, i)`
 (`selfflow.eval.sample.sample_seed`), so a sample does not depend on batch size or process count.
 
-Classifier-free guidance reuses the samplers' doubled batch: the "label" of a row is its index in a
-table of text conditions whose last row is the null condition (every text token masked out, as
-training's condition dropout does).
+Classifier-free guidance (a sampler with cfg_scale != 1; evaluation's reported set has none, its
+guided set does) reuses the samplers' doubled batch: the "label" of a row is its index in a table of
+text conditions whose last row is the null condition (every text token masked out, as training's
+condition dropout does).
 
     items = read_eval_set("data/synth/latents", "image", 64)
     tokens = generate(model, items, SamplerConfig(kind="euler", num_steps=50), seed=0)

@@ -3,15 +3,23 @@
 Each entry of `runs` is a training run folder (its `metrics.jsonl` gives loss curves, its
 `evals/*/eval.json` the periodic and final evaluations), an evaluation folder holding an
 `eval.json`, or a robot-policy evaluation folder holding a `results.json` (success rates per task).
-The report has, per modality, a table of the latest evaluation of every run (every
-metric, plus caption-following accuracy per attribute), loss curves and metric-vs-step plots
-(matplotlib PNGs), and the samples: image grids, videos (GIF) and audio players, with their
-captions. Media are copied next to the report so the folder can be moved or attached as a whole.
-With `mlflow=true` the report folder is logged as artifacts of each run's MLflow run (the one named
-in the run folder's `mlflow_run.json`, written by training).
+The report has, per modality and per set of samples (the reported one, without guidance by
+default, and the guided one where the evaluation made it, each table labelled by its CFG), a
+table of the latest evaluation of every run (every metric, plus caption-following accuracy per
+attribute), loss curves and metric-vs-step plots (matplotlib PNGs), and the samples: image grids,
+videos (GIF) and audio players, with their captions. Media are copied next to the report so the
+folder can be moved or attached as a whole. With `mlflow=true` the report folder is logged as
+artifacts of each run's MLflow run (the one named in the run folder's `mlflow_run.json`, written
+by training).
+
+Runs of one method over several seeds (folders `fm/seed0`, `fm/seed1`, ... or `fm_seed0`, ...;
+`summary.seed_of`) are summarised first: mean ± sample std over the seeds per metric, and one line
+per metric naming the differences between methods that exceed twice the pooled seed-to-seed std
+(`summary`); the per-run tables follow, samples are shown for each method's first seed.
 
     selfflow report runs=[runs/demo] out_dir=runs/demo/report
-    selfflow report runs=[runs/cmp/fm,runs/cmp/repa,runs/cmp/selfflow] out_dir=runs/cmp/report
+    selfflow report runs=[runs/cmp/fm/seed0,runs/cmp/fm/seed1,runs/cmp/selfflow/seed0,runs/cmp/selfflow/seed1] \
+        out_dir=runs/cmp/report
 """
 
 import html
@@ -22,13 +30,15 @@ from pathlib import Path
 
 import matplotlib
 
-from selfflow.eval.evaluate import flat
+from selfflow.eval.evaluate import GUIDED, flat, set_label
+from selfflow.eval.summary import Spread, seed_of, spread, verdict
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 MODALITIES = ("image", "video", "audio")
 HEADLINE = ("fd_builtin", "caption_accuracy", "caption_accuracy_real", "linear_probe", "fvd", "fid", "sfid")
+PROBE_LEVEL = "linear_probe_t"  # prefix of the noised probes' keys (`probe.probe_key`)
 
 
 @dataclass
@@ -49,6 +59,7 @@ class Section:
     plots: list[str]  # paths relative to the report folder
     tables: list[tuple[list[str], list[list[str]]]]  # (header, rows)
     samples: list[dict]  # {"run", "files", "captions"}
+    notes: list[str] = field(default_factory=list)  # lines of text after the tables
 
 
 @dataclass
@@ -58,6 +69,8 @@ class Run:
     losses: list[dict]  # metrics.jsonl rows
     evals: list[tuple[Path, dict]]  # (folder, eval.json) sorted by step
     robot: dict | None = None  # results.json of a robot-policy evaluation (`selfflow robotics eval-simpler`)
+    group: str = ""  # the method: runs that differ only in their seed share it (`summary.seed_of`)
+    seed: int | None = None
 
 
 def load_run(path: str | Path) -> Run:
@@ -76,25 +89,29 @@ def load_run(path: str | Path) -> Run:
         raise FileNotFoundError(
             f"report: {folder} has none of metrics.jsonl, eval.json, evals/*/eval.json, results.json"
         )
-    return Run(folder.name, folder, losses, evals, robot)
+    group, seed = seed_of(folder)
+    name = f"{group}_seed{seed}" if folder.name == f"seed{seed}" else folder.name  # unique in media file names
+    return Run(name, folder, losses, evals, robot, group, seed)
 
 
 def write_report(cfg: ReportConfig) -> Path:
     """Write report.html and report.md into `cfg.out_dir`; returns the HTML path."""
     runs = [load_run(r) for r in cfg.runs]
+    names = [r.name for r in runs]
+    if len(set(names)) < len(names):  # names prefix the copied media and label table rows
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"report: runs must have distinct folder names (or seeds), got {twice} more than once")
     out = Path(cfg.out_dir)
     (out / "media").mkdir(parents=True, exist_ok=True)
-    sections = []
+    groups = group(runs)
+    seeded = any(len(members) > 1 for members in groups.values())
+    sections = [Section("methods and seeds", [], [], [], seeds_notes(groups))] if seeded else []
     if any(r.losses for r in runs):
         sections.append(Section("loss", [plot_losses(runs, out)], [], []))
     for modality in MODALITIES:
         latest = [(r, r.evals[-1]) for r in runs if r.evals and modality in r.evals[-1][1]["metrics"]]
-        if not latest:
-            continue
-        tables = [metric_table(modality, latest), attribute_table(modality, latest)]
-        plots = [p for p in [plot_metric_vs_step(modality, runs, out)] if p]
-        samples = [copy_samples(modality, r, folder, result, out) for r, (folder, result) in latest]
-        sections.append(Section(modality, plots, tables, samples))
+        if latest:
+            sections.append(modality_section(modality, latest, seeded, runs, out))
     robot = [r for r in runs if r.robot]
     if robot:
         sections.append(Section("robot tasks (success rate)", [], [robot_table(robot)], []))
@@ -107,26 +124,141 @@ def write_report(cfg: ReportConfig) -> Path:
     return html_path
 
 
+def group(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs by method, in order of first appearance, each method's runs by seed."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.group, []).append(run)
+    return {name: sorted(members, key=lambda r: r.seed or 0) for name, members in groups.items()}
+
+
+def seeds_notes(groups: dict[str, list[Run]]) -> list[str]:
+    seeds = [f"{name} ({', '.join(str(r.seed) for r in members)})" for name, members in groups.items()]
+    return [
+        "Methods (seeds): " + ", ".join(seeds) + ".",
+        "Summary tables give mean ± sample standard deviation over a method's seeds (n runs, each at its "
+        "latest evaluation). Two methods differ beyond noise on a metric when their means are further apart "
+        "than twice the pooled seed-to-seed std (with 3 seeds each: Student's t > 2.45 on 4 degrees of freedom, "
+        "two-sided p < 0.07); every other difference is within noise.",
+    ]
+
+
+def modality_section(modality: str, latest, seeded: bool, runs: list[Run], out: Path) -> Section:
+    """A modality's tables (per set of samples: summary over seeds, then per run), notes, plots, samples."""
+    tables, notes, samples = [], [], []
+    shown = {id(members[0]) for members in group([r for r, _ in latest]).values()}  # each method's first seed
+    for guided in (False, True):
+        rows = [(r, result, set_metrics(result, modality, guided)) for r, (_, result) in latest]
+        rows = [(r, result, metrics) for r, result, metrics in rows if metrics is not None]
+        if not rows:
+            continue
+        label = " / ".join(dict.fromkeys(set_name(result, guided) for _, result, _ in rows))
+        if seeded:
+            header, body, spreads = summary_table(rows, label)
+            tables += [(header, body), attribute_summary_table(rows, label)]
+            notes += [f"{label}: " + verdict(key, by_group, fmt) for key, by_group in spreads.items()]
+        tables += [metric_table(rows, label), attribute_table(rows, label)]
+        if not guided:
+            notes += probe_notes(rows)
+        for r, (folder, result) in latest:
+            if id(r) in shown and set_metrics(result, modality, guided) is not None:
+                samples.append(copy_samples(modality, r, folder, result, out, guided, label))
+    plots = [p for p in [plot_metric_vs_step(modality, runs, out)] if p]
+    return Section(modality, plots, tables, samples, notes)
+
+
 # ---------------------------------------------------------------- tables
 
 
+def set_metrics(result: dict, modality: str, guided: bool) -> dict | None:
+    """One set of a modality's metrics: the reported set (everything but the guided set) or the guided set."""
+    metrics = result["metrics"][modality]
+    if guided:
+        return metrics.get(GUIDED)
+    return {k: v for k, v in metrics.items() if k != GUIDED}
+
+
+def set_name(result: dict, guided: bool) -> str:
+    """The set's label from the evaluation's protocol (`evaluate.set_label`)."""
+    protocol = result.get("protocol", {})
+    return set_label(protocol["guided_cfg"] if guided else protocol.get("sampler", {}).get("cfg_scale", 1.0))
+
+
 def headline(metrics: dict) -> dict[str, float]:
-    """A modality's numbers (`evaluate.flat`), the usual ones first, without timings."""
+    """A modality's numbers (`evaluate.flat`), the usual ones first (probes by noise level), without timings."""
     values = flat(metrics)
-    return {k: values[k] for k in dict.fromkeys([*HEADLINE, *sorted(values)]) if k in values and k != "seconds"}
+    probes = sorted((k for k in values if k.startswith(PROBE_LEVEL)), key=lambda k: float(k[len(PROBE_LEVEL) :]))
+    order = [*HEADLINE[:4], *probes, *HEADLINE[4:], *sorted(values)]
+    return {k: values[k] for k in dict.fromkeys(order) if k in values and k != "seconds"}
 
 
-def metric_table(modality: str, latest) -> tuple[list[str], list[list[str]]]:
-    rows = [(r.name, result["step"], headline(result["metrics"][modality])) for r, (_, result) in latest]
-    keys = list(dict.fromkeys(k for *_, values in rows for k in values))
-    body = [[name, str(step)] + [fmt(values.get(k)) for k in keys] for name, step, values in rows]
-    return ["run", "step", *keys], body
+def metric_table(rows, label: str) -> tuple[list[str], list[list[str]]]:
+    values = [(r.name, result["step"], headline(metrics)) for r, result, metrics in rows]
+    keys = list(dict.fromkeys(k for *_, v in values for k in v))
+    body = [[name, str(step)] + [fmt(v.get(k)) for k in keys] for name, step, v in values]
+    return [f"run ({label})", "step", *keys], body
 
 
-def attribute_table(modality: str, latest) -> tuple[list[str], list[list[str]]]:
-    rows = [(r.name, result["metrics"][modality]["caption_accuracy"]["per_attribute"]) for r, (_, result) in latest]
-    keys = list(dict.fromkeys(k for _, values in rows for k in values))
-    return ["run (caption accuracy per attribute)", *keys], [[n] + [fmt(v.get(k)) for k in keys] for n, v in rows]
+def attribute_table(rows, label: str) -> tuple[list[str], list[list[str]]]:
+    values = [(r.name, metrics["caption_accuracy"]["per_attribute"]) for r, _, metrics in rows]
+    keys = list(dict.fromkeys(k for _, v in values for k in v))
+    header = [f"run ({label}: caption accuracy per attribute)", *keys]
+    return header, [[n] + [fmt(v.get(k)) for k in keys] for n, v in values]
+
+
+def summary_table(rows, label: str):
+    """Mean ± std over each method's seeds of every headline metric; also returns
+    {metric: {method: Spread}} of the metrics worth comparing (not the real items' own scores)."""
+    per_group: dict[str, list] = {}
+    for r, result, metrics in rows:
+        per_group.setdefault(r.group, []).append((result["step"], headline(metrics)))
+    keys = list(dict.fromkeys(k for members in per_group.values() for _, v in members for k in v))
+    spreads = {k: {} for k in keys}
+    body = []
+    for name, members in per_group.items():
+        steps = "/".join(str(s) for s in sorted({step for step, _ in members}))
+        row = [name, str(len(members)), steps]
+        for key in keys:
+            found = [v[key] for _, v in members if key in v]
+            row.append(fmt_spread(spread(found), len(members)) if found else "-")
+            if found:
+                spreads[key][name] = spread(found)
+        body.append(row)
+    header = [f"method ({label}: mean ± std over seeds)", "n", "step", *keys]
+    return header, body, {k: v for k, v in spreads.items() if not k.endswith("_real")}
+
+
+def attribute_summary_table(rows, label: str) -> tuple[list[str], list[list[str]]]:
+    per_group: dict[str, list[dict]] = {}
+    for r, _, metrics in rows:
+        per_group.setdefault(r.group, []).append(metrics["caption_accuracy"]["per_attribute"])
+    keys = list(dict.fromkeys(k for members in per_group.values() for v in members for k in v))
+    body = []
+    for name, members in per_group.items():
+        cells = [[v[k] for v in members if k in v] for k in keys]
+        body.append([name, str(len(members))] + [fmt_spread(spread(c), len(members)) if c else "-" for c in cells])
+    return [f"method ({label}: caption accuracy per attribute, mean ± std)", "n", *keys], body
+
+
+def probe_notes(rows) -> list[str]:
+    """What a linear probe's accuracy is measured against: the majority baseline (data only)."""
+    probes = [(k, v) for _, _, metrics in rows for k, v in metrics.items() if k.startswith("linear_probe")]
+    if not probes:
+        return []
+    first = probes[0][1]
+    levels = ", ".join(f"{k} (t = {v['t']:g})" for k, v in dict(probes).items())
+    return [
+        f"Linear probes: {levels}, block {first['layer']}, {first['train_items']} items fitted, "
+        f"{first['test_items']} held out; always guessing each attribute's majority answer scores "
+        f"{first['majority']:.3f} (it depends only on the data)."
+    ]
+
+
+def fmt_spread(s: Spread, n: int) -> str:
+    """`mean ± std` to the decimals `fmt` gives the mean, with the count when some runs lack the metric."""
+    digits = 3 if abs(s.mean) < 100 else 1
+    text = fmt(s.mean) if s.std is None else f"{s.mean:.{digits}f} ± {s.std:.{digits}f}"
+    return text if s.n == n else f"{text} (n={s.n})"
 
 
 def robot_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
@@ -152,14 +284,18 @@ def plot_losses(runs: list[Run], out: Path) -> str:
     """Training loss (smoothed) and the learning-rate schedule, side by side."""
     fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(11, 3.5), gridspec_kw={"width_ratios": [3, 2]})
     positive = True
+    colours = {name: f"C{i % 10}" for i, name in enumerate(group(runs))}  # one colour per method, all its seeds
+    labelled = set()
     for run in runs:
         steps = [row["step"] for row in run.losses if row.get("loss") == row.get("loss")]  # drop NaN (skipped)
         losses = [row["loss"] for row in run.losses if row.get("loss") == row.get("loss")]
         positive &= all(v > 0 for v in losses)
-        ax.plot(steps, smooth(losses), label=run.name)
+        label = None if run.group in labelled else (run.group if run.seed is not None else run.name)
+        labelled.add(run.group)
+        ax.plot(steps, smooth(losses), label=label, color=colours[run.group], alpha=0.8)
         rates = [(row["step"], row["lr"]) for row in run.losses if "lr" in row]
         if rates:
-            ax_lr.plot(*zip(*rates, strict=True), label=run.name)
+            ax_lr.plot(*zip(*rates, strict=True), label=label, color=colours[run.group])
     # Self-Flow's loss goes below 0 (the -cosine term): a log axis only when every value is positive
     ax.set(xlabel="step", ylabel="loss (smoothed)", yscale="log" if positive else "linear", title="training loss")
     ax.legend()
@@ -206,14 +342,15 @@ def save_figure(fig, path: Path) -> str:
 # ---------------------------------------------------------------- samples, rendering, MLflow
 
 
-def copy_samples(modality: str, run: Run, folder: Path, result: dict, out: Path) -> dict:
+def copy_samples(modality: str, run: Run, folder: Path, result: dict, out: Path, guided: bool, label: str) -> dict:
     saved = result.get("media", {}).get(modality, {"files": [], "captions": []})
+    saved = saved.get(GUIDED, {"files": [], "captions": []}) if guided else saved
     files = []
     for rel in saved["files"]:
         target = out / "media" / f"{run.name}_step{result['step']}_{Path(rel).name}"
         shutil.copyfile(folder / rel, target)
         files.append(f"media/{target.name}")
-    return {"run": run.name, "files": files, "captions": saved["captions"]}
+    return {"run": f"{run.name}, {label}", "files": files, "captions": saved["captions"]}
 
 
 def media_html(path: str) -> str:
@@ -238,7 +375,10 @@ def render_html(title: str, runs: list[Run], sections: list[Section]) -> str:
     ]
     for section in sections:
         parts.append(f"<h2>{html.escape(section.title)}</h2>")
-        parts += [table_html(*t) for t in section.tables] + [f'<img src="{p}">' for p in section.plots]
+        parts += [table_html(*t) for t in section.tables]
+        if section.notes:
+            parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in section.notes) + "</ul>")
+        parts += [f'<img src="{p}">' for p in section.plots]
         for block in section.samples:
             parts.append(f"<h3>samples: {html.escape(block['run'])}</h3>")
             if len(block["files"]) == 1 and len(block["captions"]) > 1:  # one grid for many captions
@@ -261,6 +401,7 @@ def render_markdown(title: str, runs: list[Run], sections: list[Section]) -> str
     for section in sections:
         parts += [f"## {section.title}", ""]
         parts += [table_markdown(*t) + "\n" for t in section.tables]
+        parts += [f"- {n}" for n in section.notes] + ([""] if section.notes else [])
         parts += [f"![{section.title}]({p})\n" for p in section.plots]
         for block in section.samples:
             parts.append(f"samples of `{block['run']}`: " + ", ".join(f"[{Path(f).name}]({f})" for f in block["files"]))
