@@ -40,7 +40,9 @@ COMPARE_VARIANTS := fm repa selfflow no_rep_loss no_masking cleaner_s l2_loss
 # One line per variant: its config overrides on top of configs/train/demo.yaml (REPA's is the only
 # place that says how REPA is configured).
 COMPARE_fm := objective.method=fm
-COMPARE_repa := objective.method=repa objective.repa_encoder=data/demo/feature_nets/image.safetensors model.projector_dim=64
+# REPA: the built-in image feature net as the encoder (images, and video frame by frame; audio has no
+# encoder: flow matching); its head's inner width scaled with the 128-wide trunk (REPA's 2048 is for SiT-XL's 1152)
+COMPARE_repa := objective.method=repa objective.repa_encoder=data/demo/feature_nets/image.safetensors model.projector_dim=64 model.projector_hidden=256 objective.repa_skip=[audio]
 COMPARE_selfflow := objective.method=selfflow
 COMPARE_no_rep_loss := objective.method=selfflow objective.gamma=0
 COMPARE_no_masking := objective.method=selfflow objective.masking=false

@@ -7,6 +7,10 @@ the file. The resolved config is written next to every output with `save_config`
 
     cfg = load_config(SampleConfig, "configs/sample/tiny.yaml", ["sampler.num_steps=10"])
     save_config(cfg, out_dir / "config.yaml")
+
+A field typed as a union of dataclasses (`model: MMDiTConfig | SiTConfig`) is told apart by each
+class's `kind` field (the default of `kind` names the class): `model.kind=sit` builds a `SiTConfig`
+from its own defaults, other keys of the section fill it.
 """
 
 import dataclasses
@@ -67,6 +71,9 @@ def config_keys(cls: type, prefix: str = "", base: Any = None) -> list[tuple[str
         default = getattr(base, f.name) if base is not None else _field_default(f)
         if dataclasses.is_dataclass(hint):
             rows += config_keys(hint, f"{prefix}{f.name}.", default)
+        elif _variants(hint):
+            for cls in _variants(hint):
+                rows += config_keys(cls, f"{prefix}{f.name}.", default if type(default) is cls else None)
         elif _is_dataclass_dict(hint):
             entry_cls = typing.get_args(hint)[1]
             for name, entry in (default or {"NAME": None}).items():
@@ -102,6 +109,8 @@ def _build(cls: type[T], data: Any, prefix: str, source: str, base: Any = None) 
         default = getattr(base, f.name) if base is not None else _field_default(f)
         if dataclasses.is_dataclass(hint):
             kwargs[f.name] = _build(hint, data.get(f.name, {}), key + ".", source, base=default)
+        elif _variants(hint) and f.name in data:
+            kwargs[f.name] = _build_variant(_variants(hint), data[f.name], default, key, source)
         elif _is_dataclass_dict(hint) and f.name in data:
             kwargs[f.name] = _build_dict(hint, data[f.name], default or {}, key, source)
         elif f.name in data:
@@ -126,6 +135,31 @@ def _field_default(f: dataclasses.Field) -> Any:
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
     return None
+
+
+def _variants(hint: Any) -> tuple[type, ...]:
+    """The dataclasses of a union-of-dataclasses field (`A | B`), or () for any other annotation."""
+    if typing.get_origin(hint) not in (typing.Union, types.UnionType):
+        return ()
+    classes = typing.get_args(hint)
+    return classes if all(dataclasses.is_dataclass(a) for a in classes) else ()
+
+
+def _kind(cls: type) -> Any:
+    return next((_field_default(f) for f in dataclasses.fields(cls) if f.name == "kind"), None)
+
+
+def _build_variant(classes: tuple[type, ...], value: Any, default: Any, key: str, source: str) -> Any:
+    """A union field: the class whose `kind` default equals the section's `kind` (the default instance's
+    kind when the section names none), built on the default instance when it is of that class."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
+    kinds = {_kind(c): c for c in classes}
+    kind = value.get("kind", getattr(default, "kind", None))
+    if kind not in kinds:
+        raise ConfigError(f"{source}: {key}.kind must be one of {sorted(map(str, kinds))}, got {kind!r}")
+    cls = kinds[kind]
+    return _build(cls, value, f"{key}.", source, base=default if type(default) is cls else None)
 
 
 def _is_dataclass_dict(hint: Any) -> bool:

@@ -2,9 +2,11 @@
 
 Training (`selfflow.training`) never imports `selfflow.eval`; this job composes the two: periodic
 evaluation of the EMA weights is a callback given to the run loop, and REPA's frozen external
-encoder (`selfflow.eval.encoders.RepaEncoder`) is given to the pretraining task as a function.
+encoder (`selfflow.eval.encoders.RepaEncoder`) is given to the pretraining task as a function (the task
+decodes latents to pixels; the encoder turns pixels into patch features).
 
     selfflow train --config configs/train/demo.yaml        # = pretrain(load_config(PretrainConfig, ...))
+    selfflow train --config configs/train/sit_xl2_imagenet256.yaml init=/models/selfflow_imagenet256.pt
 """
 
 from collections.abc import Callable
@@ -14,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from selfflow.eval.encoders import RepaEncoder
+from selfflow.backbone.sit import SiTConfig
+from selfflow.eval.encoders import RepaEncoder, repa_feature_dim
 from selfflow.eval.evaluate import EvalConfig, evaluate, flat, write_eval
 from selfflow.training.run import Periodic, Run
 from selfflow.training.train import RepaTarget, TrainConfig, train
@@ -29,6 +32,11 @@ class PretrainConfig(TrainConfig):
         super().__post_init__()
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        if self.eval_every and isinstance(self.model, SiTConfig):
+            raise ValueError(
+                "eval_every: periodic evaluation samples the MMDiT's captioned data; for model.kind sit set "
+                "eval_every=0 and sample an export with `selfflow sample`"
+            )
 
 
 def periodic_eval(cfg: EvalConfig) -> Callable[[Run, int], None]:
@@ -51,10 +59,17 @@ def periodic_eval(cfg: EvalConfig) -> Callable[[Run, int], None]:
 
 
 def repa_target(cfg: TrainConfig) -> RepaTarget:
-    """REPA's targets from the local encoder, loaded on first use on the device the loss runs on."""
+    """REPA's targets from the local encoder, loaded on first use on the device the loss runs on; its
+    feature width is checked against the model's projector now, before anything starts."""
     path = Path(cfg.objective.repa_encoder)
     if not path.exists():
         raise FileNotFoundError(f"objective.repa_encoder not found: {path}")
+    width = repa_feature_dim(path)
+    if cfg.model.projector_out != width:
+        raise ValueError(
+            f"objective.repa_encoder {path} gives {width}-wide features: model.projector_dim must be {width} "
+            f"(REPA's projector ends at the encoder's width), got {cfg.model.projector_dim}"
+        )
     encoder: RepaEncoder | None = None
 
     def target(images: Tensor, grid: tuple[int, int], device: torch.device) -> Tensor:

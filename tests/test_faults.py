@@ -278,6 +278,7 @@ def test_a_folder_of_corrupt_samples_stops_naming_it_and_the_mlflow_run_fails(tm
     run_dir = tmp_path / "run"
     only_image = ["modalities.video=null", "modalities.audio=null", "modalities.image.probability=1"]
     data = [f"modalities.image.shards={shards}", "modalities.image.max_bad_samples=7"]
+    data += ["modalities.image.timesteps.distribution=logit_normal"]  # no manifest.json to resolve "auto" from
     assert in_process("train", "--config", str(TINY), f"run_dir={run_dir}", *only_image, *data) == 2
     err = capsys.readouterr().err
     assert f"7 corrupt samples or shards in a row in {shards}" in err

@@ -17,6 +17,7 @@ from selfflow.backbone.mmdit import (
     text_timesteps,
 )
 from selfflow.backbone.mmdit_blocks import ModulationOut
+from selfflow.backbone.sit import SiT, SiTConfig
 
 B, H, W, L_TXT = 3, 2, 3, 5
 
@@ -450,3 +451,59 @@ def test_joint_sequence_of_two_modalities_uses_each_projection():
     torch.testing.assert_close(v_actions, model.final_layer.act_linear(out[:, 8:]))
     with pytest.raises(ValueError, match="one token tensor per modality"):
         model((frames,), t, ids, modality=("video", "action"))
+
+
+# ---------------------------------------------------------------------------------------------- projector heads
+def test_selfflow_projector_is_the_release_head_with_biases(reference):
+    """The MMDiT's Self-Flow head has the public release's names, shapes and math (fixture: hidden 64)."""
+    cfg = tiny(projector_dim=64)
+    model = build_mmdit(cfg)
+    release = {k: v for k, v in reference["state_dict"].items() if k.startswith("projector.")}
+    own = {k: v for k, v in model.state_dict().items() if k.startswith("projector.")}
+    assert {k: tuple(v.shape) for k, v in own.items()} == {k: tuple(v.shape) for k, v in release.items()}
+    assert all(torch.equal(v, torch.zeros_like(v)) for k, v in own.items() if k.endswith(".bias"))  # init
+    model.load_state_dict(release, strict=False)
+    sit = SiT(SiTConfig(**reference["config"]))
+    sit.load_state_dict(reference["state_dict"])
+    h = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model.projector(h), sit.projector(h))
+
+
+def test_flux2_state_dict_loads_with_only_the_projector_missing():
+    cfg = tiny(depth_double=2, depth_single=3, projector_dim=64)
+    sd = flux2_state_dict(2, 3, dim=64, mlp=256, head=16, in_ch=16, ctx=32)
+    missing, unexpected = MMDiT(cfg).load_state_dict(sd, strict=False)
+    assert unexpected == [] and sorted(missing) == [
+        f"projector.linear{i}.{p}" for i in (1, 2) for p in ("bias", "weight")
+    ]
+
+
+def test_repa_projector_is_repas_three_layer_mlp():
+    """REPA models/sit.py build_mlp(hidden, 2048, z_dim): Linear -> SiLU -> Linear -> SiLU -> Linear, biases."""
+    cfg = tiny(projector_dim=24, projector_kind="repa", projector_hidden=48)
+    model = build_mmdit(cfg)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("projector.")}
+    assert shapes == {
+        "projector.0.weight": (48, 64),
+        "projector.0.bias": (48,),
+        "projector.2.weight": (48, 48),
+        "projector.2.bias": (48,),
+        "projector.4.weight": (24, 48),
+        "projector.4.bias": (24,),
+    }
+    p, h = model.projector, torch.randn(3, 64)
+    by_hand = F.silu(F.silu(h @ p[0].weight.T + p[0].bias) @ p[2].weight.T + p[2].bias) @ p[4].weight.T + p[4].bias
+    torch.testing.assert_close(p(h), by_hand, rtol=0, atol=1e-6)
+
+
+def test_projector_sizes_at_the_papers_width():
+    """The release's head at D = d = 1152 is 5.3M parameters (the paper says about 10M); REPA's head at
+    D = 1152 to DINOv2-B's 768 is 8.1M."""
+    with torch.device("meta"):
+        selfflow = MMDiT(MMDiTConfig.mmdit_625m()).projector
+        repa = MMDiT(dataclasses.replace(MMDiTConfig.mmdit_625m(), projector_dim=768, projector_kind="repa")).projector
+    assert count_parameters(selfflow) == 1152 * 2304 + 2304 + 2304 * 1152 + 1152 == 5_311_872
+    assert count_parameters(repa) == 8_131_328
+    with pytest.raises(ValueError, match="projector_kind"):
+        tiny(projector_kind="mlp")

@@ -281,8 +281,11 @@ def test_slightly_cleaner_ablation():
 
 def test_l2_representation_loss():
     pred, target = torch.randn(2, 5, 7, generator=gen(50)), torch.randn(2, 5, 7, generator=gen(51))
-    expected = sum(((pred[b, i] - target[b, i]) ** 2).sum() for b in range(2) for i in range(5)) / 10
-    torch.testing.assert_close(representation_loss(pred, target, "l2"), expected, rtol=0, atol=1e-5)
+    # per-token mean squared error (over channels), averaged over tokens: the flow-matching MSE's scale
+    expected = sum(((pred[b, i] - target[b, i]) ** 2).mean() for b in range(2) for i in range(5)) / 10
+    torch.testing.assert_close(representation_loss(pred, target, "l2"), expected, rtol=0, atol=1e-6)
+    summed = sum(((pred[b, i] - target[b, i]) ** 2).sum() for b in range(2) for i in range(5)) / 10
+    assert abs(representation_loss(pred, target, "l2").item() - summed.item()) > 1  # not the per-token sum
     with pytest.raises(ValueError, match="shape"):
         representation_loss(pred, target[..., :6], "cosine")
 
@@ -379,7 +382,7 @@ def images(size: int, seed: int = 70) -> torch.Tensor:
 def test_repa_encoder_native_grid(encoder_dirs, name):
     """At the model's own grid the output is the patch tokens (CLS and registers dropped), (h w) order kept."""
     path, registers = encoder_dirs[name]
-    enc = RepaEncoder(path)
+    enc = RepaEncoder(path, image_size=16)  # DINOv2's own default input is REPA's 224 (next test)
     x = images(16)
     expected = patch_tokens(enc, ((x + 1) / 2 - IMAGENET_MEAN) / IMAGENET_STD, registers)
     out = enc(x, (GRID, GRID))
@@ -410,9 +413,24 @@ def test_repa_encoder_uses_processor_stats(encoder_dirs, tmp_path):
     for f in path.iterdir():
         (folder / f.name).write_bytes(f.read_bytes())
     (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
-    enc = RepaEncoder(folder)
+    enc = RepaEncoder(folder, image_size=16)
     x = images(16)
     torch.testing.assert_close(enc(x, (GRID, GRID)), patch_tokens(enc, x, 0), rtol=0, atol=1e-6)  # (x+1)/2 -> x
+
+
+@pytest.mark.parametrize("name", ["dinov2", "dinov2_reg"])
+def test_repa_encoder_feeds_dinov2_at_224_as_repa(encoder_dirs, name):
+    """REPA train.py preprocess_raw_image for DINOv2: /255, ImageNet mean/std, then bicubic to 224."""
+    path, registers = encoder_dirs[name]
+    enc = RepaEncoder(path)
+    assert enc.image_size == 224 and enc.patch_grid == 56
+    x = images(32)
+    repa = torch.nn.functional.interpolate(((x + 1) / 2 - IMAGENET_MEAN) / IMAGENET_STD, 224, mode="bicubic")
+    torch.testing.assert_close(enc(x, (56, 56)), patch_tokens(enc, repa, registers), rtol=0, atol=2e-5)
+    bilinear = torch.nn.functional.interpolate((x + 1) / 2, 224, mode="bilinear", antialias=True)
+    wrong = patch_tokens(enc, (bilinear - IMAGENET_MEAN) / IMAGENET_STD, registers)
+    assert (enc(x, (56, 56)) - wrong).abs().max() > 1e-3  # the resize mode matters at this tolerance
+    assert RepaEncoder(encoder_dirs["vit"][0]).image_size == 16  # other encoders: their config's size
 
 
 def test_repa_encoder_missing_folder(tmp_path):

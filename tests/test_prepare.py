@@ -92,7 +92,10 @@ def test_loader_batches_match_reencoded_media_and_decode_back(prepared, modality
         torch.testing.assert_close(batch.x0, tokens, rtol=0, atol=BF16_HALF_ULP)
         decoded = adapter.decode(adapter.scatter(batch.x0, batch.ids, (4, *shape)))
         torch.testing.assert_close(decoded, media, rtol=0, atol=BF16_HALF_ULP)
-        assert batch.text.shape == (4, 64) and batch.text.dtype == torch.int64 and batch.text_mask.dtype == torch.bool
+        # stored padded to max_length 64, cut after the batch's longest caption
+        longest = int(batch.text_mask.sum(dim=1).max())
+        assert batch.text.shape == (4, longest) and longest < 64
+        assert batch.text.dtype == torch.int64 and batch.text_mask.dtype == torch.bool
         assert batch.labels.tolist() == [-1] * 4
         for key, ids_txt, mask in zip(batch.keys, batch.text, batch.text_mask, strict=True):
             n = int(mask.sum())
@@ -261,7 +264,8 @@ def test_oobleck_statistics_pass_and_t5_embeddings(tmp_path, t5_dir):
             assert torch.equal(latent["ids"], ids[0]) and latent["shape"] == [4, 6000]
             torch.testing.assert_close(latent["tokens"].float(), tokens[0], rtol=2**-8, atol=1e-5)
             emb = torch.load(io.BytesIO(s["text.pth"]), weights_only=True)
-            want, mask = encoder.encode([raw[key]["caption"]])
+            want, mask, lengths = encoder.encode([raw[key]["caption"]])
+            assert int(lengths[0]) == int(mask[0].sum())  # no caption cut at max_length 16
             assert emb["ids"].dtype == torch.float16 and emb["ids"].shape == (16, 32)
             assert torch.equal(emb["mask"], mask[0])
             torch.testing.assert_close(emb["ids"].float(), want[0], rtol=2**-10, atol=1e-4)

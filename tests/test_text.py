@@ -53,9 +53,10 @@ def test_t5_encoder_from_local_folder(tokenizer_dir):
         folder
     )
     enc = HFTextEncoder(TextConfig(kind="t5", path=str(folder), max_length=10))
-    emb, mask = enc.encode(["a red circle", "two green triangles at the top"])
+    emb, mask, lengths = enc.encode(["a red circle", "two green triangles at the top"])
     assert emb.shape == (2, 10, 32) and enc.dim == 32
-    assert mask.sum(1).tolist() == [3, 6]  # one token per word, no special tokens
+    assert mask.sum(1).tolist() == [3, 6] == lengths.tolist()  # one token per word, no special tokens
+    assert enc.encode(["a b c d e f g h i j k l"])[2].tolist() == [12]  # the full length of a caption cut to 10
     assert torch.all(emb[~mask] == 0)  # padding carries no features
     assert (emb[0, :3] - emb[1, :3]).abs().max() > 1e-4
 
@@ -79,7 +80,7 @@ def test_causal_lm_stacks_chosen_layers(tokenizer_dir):
         if (folder / name).is_file():
             (lm_dir / name).write_bytes((folder / name).read_bytes())
     enc = HFTextEncoder(TextConfig(kind="causal_lm", path=str(lm_dir), max_length=6, layers=[1, 3]))
-    emb, mask = enc.encode(["a red circle"])
+    emb, mask, _ = enc.encode(["a red circle"])
     assert emb.shape == (1, 6, 32) and enc.dim == 32
     direct = enc.model(
         **enc.tokenizer(["a red circle"], padding="max_length", max_length=6, return_tensors="pt"),

@@ -10,7 +10,7 @@ the key and both shapes.
 
     report = load_weights(model, "selfflow_imagenet256.pt")
     print(report)   # missing / unexpected keys, which wrapper was used
-    model, meta = load_export("runs/demo/export/ema.safetensors")   # a `selfflow export` file
+    model, meta = load_export("runs/demo/export/ema.safetensors")   # a `selfflow export` file (MMDiT or SiT)
 """
 
 import argparse
@@ -23,7 +23,9 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from selfflow.backbone.mmdit import MMDiT, MMDiTConfig
+from selfflow.backbone.mmdit import MMDiT
+from selfflow.backbone.sit import SiT
+from selfflow.backbone.trunk import trunk_config
 
 WRAPPERS = ("ema", "model", "state_dict", "module")
 PREFIXES = ("module.", "_orig_mod.")
@@ -134,8 +136,13 @@ def _strip(key: str) -> str:
     return key.replace("._orig_mod.", ".")
 
 
-def load_export(path: str | Path) -> tuple[MMDiT, dict[str, str]]:
-    """The exported model (eval mode, fp32) and the file's metadata."""
+def load_export(path: str | Path) -> tuple[MMDiT | SiT, dict[str, str]]:
+    """The exported model (eval mode, fp32; an MMDiT or a SiT, by the config's `kind`) and the file's metadata.
+
+    Loaded strictly, except for what the file cannot hold or an older export lacks: SiT's fixed position
+    table (a buffer, rebuilt from the config) and the projector's biases of exports written before the
+    MMDiT's head had biases (zeroed, which is exactly the old bias-free head).
+    """
     if not Path(path).is_file():
         raise FileNotFoundError(f"export not found: {path}")
     try:
@@ -145,6 +152,14 @@ def load_export(path: str | Path) -> tuple[MMDiT, dict[str, str]]:
         raise ValueError(f"{path} is not a safetensors file written by `selfflow export` ({err})") from None
     if meta.get("format") != "selfflow-export-1":
         raise ValueError(f"{path} is not a selfflow export (metadata format {meta.get('format')!r})")
-    model = MMDiT(MMDiTConfig(**json.loads(meta["model_config"])))
-    load_weights(model, path, strict=True)
+    cfg = trunk_config(json.loads(meta["model_config"]))
+    model = SiT(cfg) if cfg.kind == "sit" else MMDiT(cfg)
+    report = load_weights(model, path)
+    old_biases = [k for k in report.missing if k.startswith("projector.") and k.endswith(".bias")]
+    missing = [k for k in report.missing if k != "pos_embed" and k not in old_biases]
+    if missing or report.unexpected:
+        raise ValueError(str(report))
+    with torch.no_grad():
+        for name in old_biases:
+            model.get_parameter(name).zero_()
     return model.eval(), meta

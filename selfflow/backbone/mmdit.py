@@ -3,7 +3,9 @@
 Parameter names follow FLUX.2 (`img_in`, `txt_in`, `time_in`, `double_stream_modulation_img`,
 `double_blocks.N.img_attn.qkv`, `single_blocks.N.linear1`, `final_layer.linear`, ...), so a FLUX.2
 state dict of matching size loads with `strict=True` when the image is the only modality and the
-optional class table, guidance embedder and Self-Flow projector are off. Only each modality's
+optional class table, guidance embedder and projector are off (the projector is extra: with it on, a
+FLUX.2 state dict loads with exactly the projector's keys missing). The projector is the head the
+objective needs (`selfflow.backbone.projector`: the Self-Flow release's head, or REPA's). Only each modality's
 input and output projections are modality-specific (DESIGN.md section 4). Time follows
 DESIGN.md section 1: `t = 1` is pure noise and the output is the velocity `noise - x0`, which
 is FLUX's own convention, so no flip is needed.
@@ -36,7 +38,6 @@ from selfflow.backbone.mmdit_blocks import (
     MLPEmbedder,
     Modulation,
     Positions,
-    Projector,
     RMSNorm,
     SingleStreamBlock,
     TokenEmbedder,
@@ -44,6 +45,7 @@ from selfflow.backbone.mmdit_blocks import (
     output_name,
     split_modulation,
 )
+from selfflow.backbone.projector import REPA_HIDDEN, build_projector, check_projector
 
 TEXT_TIMESTEP_POLICIES = ("mean", "min", "max")
 TIME_FREQ_DIM = 256  # FLUX's sinusoid width for the time and guidance embedders
@@ -53,6 +55,7 @@ TIME_FREQ_DIM = 256  # FLUX's sinusoid width for the time and guidance embedders
 class MMDiTConfig:
     """FLUX.2 hyperparameters plus the Self-Flow additions (classes, projector, modalities)."""
 
+    kind: str = "mmdit"  # the trunk (`model.kind` of `selfflow train`: mmdit | sit)
     hidden_size: int = 1152
     num_heads: int = 16
     depth_double: int = 7
@@ -63,7 +66,11 @@ class MMDiTConfig:
     context_dim: int = 4096  # text feature width; 0: no text stream
     num_classes: int = 0  # rows of the label table, last row = null class; 0: no class conditioning
     guidance_embed: bool = False  # FLUX guidance-distilled embedder
-    projector_dim: int = 0  # Self-Flow projector width; 0: no projector
+    projector_dim: int = 0  # projector output width (Self-Flow: hidden_size; REPA: the encoder's); 0: none
+    # Head kind: "selfflow" (the release's head, with biases) or "repa" (REPA's 3-layer MLP, hidden 2048);
+    # null: Self-Flow's here, and the objective's head in `selfflow train`.
+    projector_kind: str | None = None
+    projector_hidden: int = REPA_HIDDEN  # REPA head's inner width (REPA models/sit.py: 2048); "repa" only
     text_timestep: str = "mean"  # per-sample timestep of text tokens from data tokens: mean | min | max
     text_vocab: int = 0  # > 0: a learned token embedder (`txt_embedder`) turns text token ids into txt features
     text_max_length: int = 0  # learned text positions of the token embedder
@@ -71,6 +78,9 @@ class MMDiTConfig:
     modalities: dict[str, list[int]] = field(default_factory=lambda: {"image": [128, 128]})  # name -> [in, out]
 
     def __post_init__(self):
+        if self.kind != "mmdit":
+            raise ValueError(f"kind must be 'mmdit' for an MMDiT config, got {self.kind!r}")
+        check_projector(self.projector_kind, self.projector_hidden)
         for name in ("hidden_size", "num_heads", "mlp_ratio", "theta"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -108,6 +118,10 @@ class MMDiTConfig:
     @property
     def depth(self) -> int:
         return self.depth_double + self.depth_single
+
+    @property
+    def projector_out(self) -> int:
+        return self.projector_dim
 
     @classmethod
     def mmdit_625m(cls) -> "MMDiTConfig":
@@ -175,7 +189,10 @@ class MMDiT(nn.Module):
         self.double_stream_modulation_txt = Modulation(dim, double=True)
         self.single_stream_modulation = Modulation(dim, double=False)
         self.final_layer = LastLayer(dim, cfg.modalities)
-        self.projector = Projector(dim, cfg.projector_dim) if cfg.projector_dim else None
+        self.projector = None
+        if cfg.projector_dim:
+            kind = cfg.projector_kind or "selfflow"
+            self.projector = build_projector(kind, dim, cfg.projector_dim, cfg.projector_hidden)
 
     def compile_blocks(self) -> None:
         """`torch.compile` each block (one graph per block kind and token count; the rest stays eager)."""
@@ -183,10 +200,13 @@ class MMDiT(nn.Module):
             block.compile()
 
     def init_weights(self) -> None:
-        """Xavier linears, N(0, 0.02) embedders, zero modulations (blocks start as identity) and head."""
+        """Xavier linears (zero biases: the projector's), N(0, 0.02) embedders, zero modulations (blocks
+        start as identity) and head."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.scale)
         for embedder in (self.time_in, self.guidance_in):

@@ -186,19 +186,6 @@ class LastLayer(nn.Module):
         return tuple(getattr(self, output_name(m))(part) for m, part in zip(modality, parts, strict=True))
 
 
-class Projector(nn.Module):
-    """Self-Flow's projector head `Linear(D, D+d) -> SiLU -> Linear(D+d, d)` (no biases, like the trunk)."""
-
-    def __init__(self, dim: int, out_dim: int):
-        super().__init__()
-        self.linear1 = nn.Linear(dim, dim + out_dim, bias=False)
-        self.act = nn.SiLU()
-        self.linear2 = nn.Linear(dim + out_dim, out_dim, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.linear2(self.act(self.linear1(x)))
-
-
 class TokenEmbedder(nn.Module):
     """A small learned text encoder for tiny models: token table plus learned positions."""
 

@@ -2,11 +2,12 @@
 
 Parameter names and math match the public Self-Flow ImageNet release (SiT-XL/2 with per-token
 adaLN, a learned-sigma head whose second half is dropped, and the `projector` head used by the
-representation loss). Public convention (DESIGN.md section 1): `model(x_t, t, y)` returns the
+representation loss: the release's head, or REPA's for the REPA baseline; see
+`selfflow.backbone.projector`). Public convention (DESIGN.md section 1): `model(x_t, t, y)` returns the
 velocity `noise - x0` with `t = 1` pure noise. The checkpoint was trained in the opposite time
 axis; `compatibility_mode` embeds `1 - t` and negates the head output, and only this class knows.
 
-    model = SiT(SiTConfig.xl_2())
+    model = build_sit(SiTConfig.xl_2())                # meta device, materialised once, DiT init
     v = model(tokens, t, y)                            # tokens (B, L, C*p*p) in (c, p1, p2) order
     v, z = model.forward_with_features(tokens, t, y, layer=8)   # projector(hidden after block 8)
     h = model.hidden_states(tokens, t, y, layer=20)    # raw hidden after block 20, stops there
@@ -20,12 +21,14 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from selfflow.backbone.layers import TokenRows, attention, modulate, run_block, timestep_embedding
+from selfflow.backbone.projector import REPA_HIDDEN, build_projector, check_projector
 
 
 @dataclass
 class SiTConfig:
-    """Hyperparameters of the public SiT/DiT constructor, plus the projector width."""
+    """Hyperparameters of the public SiT/DiT constructor, plus the projector head."""
 
+    kind: str = "sit"  # the trunk (`model.kind` of `selfflow train`: mmdit | sit)
     input_size: int = 32  # latent grid side (256 px / 8 for SD-VAE)
     patch_size: int = 2
     in_channels: int = 4
@@ -36,10 +39,17 @@ class SiTConfig:
     num_classes: int = 1001  # rows of the label table; the last row is the null class
     learn_sigma: bool = True
     compatibility_mode: bool = True  # checkpoint trained with s = 1 - t and a negated head
-    projector_dim: int = 0  # 0: same as hidden_size (the public checkpoint)
+    projector_dim: int = 0  # projector output width; 0: same as hidden_size (the public checkpoint)
+    # Head kind: "selfflow" (the release's head, public checkpoint) or "repa" (REPA's 3-layer MLP);
+    # null: Self-Flow's here, and the objective's head in `selfflow train`.
+    projector_kind: str | None = None
+    projector_hidden: int = REPA_HIDDEN  # REPA head's inner width (REPA models/sit.py: 2048); "repa" only
     grad_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
 
     def __post_init__(self):
+        if self.kind != "sit":
+            raise ValueError(f"kind must be 'sit' for a SiT config, got {self.kind!r}")
+        check_projector(self.projector_kind, self.projector_hidden)
         for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -53,6 +63,8 @@ class SiTConfig:
             raise ValueError(f"num_classes must be >= 1 (the null class), got {self.num_classes}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        if self.projector_dim < 0:
+            raise ValueError(f"projector_dim must be >= 0, got {self.projector_dim}")
 
     @property
     def grid(self) -> int:
@@ -61,6 +73,10 @@ class SiTConfig:
     @property
     def token_dim(self) -> int:
         return self.in_channels * self.patch_size**2
+
+    @property
+    def projector_out(self) -> int:
+        return self.projector_dim or self.hidden_size
 
     @property
     def null_class(self) -> int:
@@ -177,19 +193,6 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(x, shift, scale))
 
 
-class Projector(nn.Module):
-    """Self-Flow's projector head: `Linear(D, D+d) -> SiLU -> Linear(D+d, d)`."""
-
-    def __init__(self, dim: int, out_dim: int):
-        super().__init__()
-        self.linear1 = nn.Linear(dim, dim + out_dim)
-        self.act = nn.SiLU()
-        self.linear2 = nn.Linear(dim + out_dim, out_dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.linear2(self.act(self.linear1(x)))
-
-
 class SiT(nn.Module):
     def __init__(self, cfg: SiTConfig):
         super().__init__()
@@ -202,10 +205,16 @@ class SiT(nn.Module):
         self.register_buffer("pos_embed", sincos_2d_table(dim, cfg.grid)[None], persistent=True)
         self.blocks = nn.ModuleList(SiTBlock(dim, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(dim, cfg.patch_size**2 * out_channels)
-        self.projector = Projector(dim, cfg.projector_dim or dim)
+        self.projector = build_projector(cfg.projector_kind or "selfflow", dim, cfg.projector_out, cfg.projector_hidden)
+
+    def compile_blocks(self) -> None:
+        """`torch.compile` each block (one graph per token count; the rest stays eager)."""
+        for block in self.blocks:
+            block.compile()
 
     def init_weights(self) -> None:
-        """DiT initialisation: xavier linears, N(0, 0.02) embeddings, zeroed adaLN and head."""
+        """DiT initialisation: xavier linears (projector included, as REPA's `_basic_init`), zero biases,
+        N(0, 0.02) embeddings, zeroed adaLN and head, the fixed sin-cos position table."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -291,3 +300,13 @@ class SiT(nn.Module):
         for block in self.blocks[:layer]:
             h = run_block(block, h, c_rows, rows, checkpoint=self.cfg.grad_checkpointing)
         return h
+
+
+def build_sit(cfg: SiTConfig, device: torch.device | str = "cpu") -> SiT:
+    """Construct on the meta device (no memory, no init cost), materialise once, then initialise."""
+    with torch.device("meta"):
+        model = SiT(cfg)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_weights()
+    return model

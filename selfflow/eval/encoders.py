@@ -8,9 +8,11 @@
   bicubic resize + centre crop) and its `CLIPTokenizer`.
 - CLAP (FAD): `ClapModel.get_audio_features` (projected and L2-normalised) on `ClapFeatureExtractor`
   log-mels at the extractor's rate (48 kHz for LAION CLAP); other rates are resampled with torchaudio.
-- REPA targets (`RepaEncoder`, used in training): the patch tokens of a frozen ViT-like encoder
-  (ImageNet mean/std unless the folder's `preprocessor_config.json` says otherwise), resized to the
-  trunk's token grid; or the built-in feature net's conv maps (`selfflow.eval.builtin_features`).
+- REPA targets (`RepaEncoder`, used in training): the patch tokens of a frozen ViT-like encoder with
+  REPA's preprocessing (sihyun-yu/REPA train.py `preprocess_raw_image`: ImageNet mean/std unless the
+  folder's `preprocessor_config.json` says otherwise, bicubic resize to 224 for DINOv2), resized to the
+  trunk's token grid when the grids differ; or the built-in feature net's conv maps
+  (`selfflow.eval.builtin_features`).
 
 Each loader takes a local directory (`from_pretrained(dir, local_files_only=True)`; nothing is
 downloaded), checks the files it needs first (FileNotFoundError naming the directory and file), and
@@ -247,15 +249,36 @@ def load_clap(local_dir: str | Path, device: torch.device | str = "cpu") -> Clap
 # REPA targets
 # ---------------------------------------------------------------------------------------------
 
+# REPA train.py preprocess_raw_image: DINOv2 (and CLIP, I-JEPA) inputs are resized bicubically to 224.
+REPA_DINO_SIZE = 224
+DINOV2_TYPES = ("dinov2", "dinov2_with_registers")
+
+
+def repa_feature_dim(path: str | Path) -> int:
+    """The width of the targets `RepaEncoder(path)` gives, read without loading the encoder's weights
+    (the built-in feature net is small and is read)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise FileNotFoundError(f"REPA encoder file not found: {path}")
+        return 4 * load_feature_net(path).cfg.width
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"REPA encoder folder missing or without config.json: {path}")
+    return int(json.loads((path / "config.json").read_text())["hidden_size"])
+
 
 class RepaEncoder:
     """Frozen external vision encoder giving REPA's per-token targets, loaded from a local folder.
 
     Assumes a ViT-like `transformers` model (e.g. ViTModel, Dinov2Model, Dinov2WithRegistersModel):
     `config.image_size` / `config.patch_size` define a square patch grid, `last_hidden_state` is
-    `[CLS, registers..., patches in (h w) order]`, and the model accepts `pixel_values` at
-    `config.image_size`. Mean/std come from `preprocessor_config.json` (`image_mean`, `image_std`)
-    when present, else ImageNet's.
+    `[CLS, registers..., patches in (h w) order]` (for DINOv2 the final-layer-normed tokens, torch hub's
+    `x_norm_patchtokens`, which REPA aligns to). Inputs as REPA's `preprocess_raw_image`: images in
+    [0, 1], normalised by `preprocessor_config.json`'s `image_mean` / `image_std` when present, else
+    ImageNet's, and resized bicubically (`F.interpolate`, no antialiasing) to `image_size`: by default
+    224 for DINOv2 (REPA), else `config.image_size`. (REPA normalises before resizing; the two commute,
+    as the bicubic weights sum to one.) REPA feeds the dataset's uint8 pixels; here the images are the
+    autoencoder's float decode of the clean latent, not quantised.
 
     A `.safetensors` path is instead the built-in image feature net of `selfflow.eval.builtin_features`
     (the external encoder of REPA on the built-in data): its conv feature maps before pooling,
@@ -286,7 +309,8 @@ class RepaEncoder:
             mean, std = processor.get("image_mean", mean), processor.get("image_std", std)
         self.mean = torch.tensor(mean, device=device, dtype=dtype).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device, dtype=dtype).view(1, 3, 1, 1)
-        self.image_size = int(image_size or config.image_size)
+        default_size = REPA_DINO_SIZE if config.model_type in DINOV2_TYPES else int(config.image_size)
+        self.image_size = int(image_size or default_size)
         # ViTModel interpolates its position table only when asked; DINOv2 always does.
         accepts = "interpolate_pos_encoding" in inspect.signature(self.model.forward).parameters
         self.interpolate = accepts and self.image_size != int(config.image_size)
@@ -307,7 +331,7 @@ class RepaEncoder:
         x = (images.to(device=self.mean.device, dtype=self.mean.dtype) + 1) / 2  # [0, 1]
         size = (self.image_size, self.image_size)
         if tuple(x.shape[-2:]) != size:
-            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
         x = (x - self.mean) / self.std
         extra = {"interpolate_pos_encoding": True} if self.interpolate else {}
         hidden = self.model(pixel_values=x, **extra).last_hidden_state[:, self.num_prefix :]  # (B, gh*gw, d)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 DISTRIBUTIONS = ("uniform", "logit_normal", "plateau_logit_normal")
+AUTO = "auto"  # a training config's placeholder: the job replaces it by the autoencoder's distribution
 
 
 @dataclass
@@ -21,7 +22,8 @@ class TimestepConfig:
     `plateau_logit_normal` is a flat-topped Gaussian in logit space: density proportional to
     `exp(-max(|u - mean| - plateau, 0)^2 / (2 std^2))`, i.e. a logit-normal whose central
     `[mean - plateau, mean + plateau]` band is flat. The paper does not define its plateau
-    width; `plateau = 1.0` is this project's default.
+    width; `plateau = 1.0` is this project's default. `distribution="auto"` is a placeholder that
+    `selfflow train` resolves from the data's autoencoder before sampling (it cannot be sampled).
     """
 
     distribution: str = "uniform"
@@ -31,8 +33,8 @@ class TimestepConfig:
     shift: float = 1.0
 
     def __post_init__(self):
-        if self.distribution not in DISTRIBUTIONS:
-            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {self.distribution!r}")
+        if self.distribution not in (*DISTRIBUTIONS, AUTO):
+            raise ValueError(f"distribution must be one of {(*DISTRIBUTIONS, AUTO)}, got {self.distribution!r}")
         if self.std <= 0:
             raise ValueError(f"std must be positive, got {self.std}")
         if self.plateau < 0:
@@ -61,6 +63,8 @@ def shift_timesteps(t: Tensor, shift: float) -> Tensor:
 
 def sample_timesteps(cfg: TimestepConfig, n: int, generator: torch.Generator | None = None) -> Tensor:
     """Draw `n` timesteps from `cfg` (shift included), float32 on CPU."""
+    if cfg.distribution == AUTO:
+        raise ValueError("timestep distribution 'auto' must be resolved (from the autoencoder) before sampling")
     if cfg.distribution == "uniform":
         t = torch.rand(n, generator=generator)
     elif cfg.distribution == "logit_normal":
@@ -83,6 +87,8 @@ def _plateau_normal(cfg: TimestepConfig, n: int, generator: torch.Generator | No
 
 def timestep_density(cfg: TimestepConfig, t: Tensor) -> Tensor:
     """Probability density of the (unshifted) distribution at t in (0, 1), for tests and plots."""
+    if cfg.distribution == AUTO:
+        raise ValueError("timestep distribution 'auto' has no density until it is resolved")
     if cfg.distribution == "uniform":
         return torch.ones_like(t)
     u = torch.logit(t.double())

@@ -27,6 +27,24 @@ DEFAULT_PATCH = {
 }
 PATCH_AXES = {"image": ("ph", "pw"), "video": ("pt", "ph", "pw"), "audio": ("pt",)}
 DEFAULT_CHANNELS = {"image": 3, "video": 3, "audio": 2}
+# Training timesteps follow the autoencoder (paper section 4.3): uniform for SD-VAE latents (ImageNet, as
+# prior work), logit-normal for FLUX.2 AE, Wan2.2 and SongBloom (Oobleck) latents. Raw media are not in
+# the paper: unknown, logit-normal chosen as for the learned latent spaces (this project's earlier default).
+# The adapters' own `defaults` follow the same rule; this table needs no weights loaded.
+TIMESTEP_DISTRIBUTION = {
+    "raw": "logit_normal",
+    "sd_vae": "uniform",
+    "flux2": "logit_normal",
+    "wan": "logit_normal",
+    "oobleck": "logit_normal",
+}
+
+
+def timestep_distribution(autoencoder: str) -> str:
+    """The paper's training timestep distribution for latents of `autoencoder` (a ModalityConfig name)."""
+    if autoencoder not in TIMESTEP_DISTRIBUTION:
+        raise ValueError(f"unknown autoencoder {autoencoder!r}, known: {sorted(TIMESTEP_DISTRIBUTION)}")
+    return TIMESTEP_DISTRIBUTION[autoencoder]
 
 
 @dataclass

@@ -114,9 +114,10 @@ class Flux2AE(ImageAutoencoder):
         return self.vae.decode(z.to(self.vae.dtype)).sample.float().clamp(-1, 1)
 
 
-def image_defaults() -> ModalityDefaults:
-    """Mask ratio 0.25 (paper); the image train shift is unknown in the paper: 1.0."""
-    return ModalityDefaults(mask_ratio=0.25, timesteps=TimestepConfig("logit_normal", shift=1.0))
+def image_defaults(distribution: str = "logit_normal") -> ModalityDefaults:
+    """Mask ratio 0.25 (paper); timesteps follow the autoencoder (paper section 4.3: uniform for SD-VAE
+    latents, logit-normal for FLUX.2 AE latents); the image train shift is unknown in the paper: 1.0."""
+    return ModalityDefaults(mask_ratio=0.25, timesteps=TimestepConfig(distribution, shift=1.0))
 
 
 class ImageModality(Modality):
@@ -128,7 +129,8 @@ class ImageModality(Modality):
     def __init__(self, autoencoder: ImageAutoencoder, patch: Sequence[int] = (2, 2)):
         if len(patch) != 2:
             raise ValueError(f"image: patch must be (ph, pw), got {tuple(patch)}")
-        super().__init__(autoencoder, patch, image_defaults())
+        distribution = "uniform" if isinstance(autoencoder, SDVAE) else "logit_normal"
+        super().__init__(autoencoder, patch, image_defaults(distribution))
 
     @property
     def grid_patch(self) -> tuple[int, int, int]:

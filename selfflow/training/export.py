@@ -10,7 +10,7 @@ read, and DeepSpeed's files only through the weights-only unpickler:
 """
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
@@ -18,18 +18,24 @@ from safetensors.torch import load_file, save_file
 
 from selfflow.backbone.checkpoint import load_export  # noqa: F401  (re-exported: the reader of what export writes)
 from selfflow.backbone.mmdit import MMDiTConfig
+from selfflow.backbone.sit import SiTConfig
 from selfflow.config import load_config
 from selfflow.training import checkpoints
 from selfflow.training.engine import consolidated_student
 
 
-def run_model_config(path: Path) -> MMDiTConfig:
-    """The `model` section of a run's saved config, checked like any config file."""
+@dataclass
+class _ModelSection:
+    model: MMDiTConfig | SiTConfig = field(default_factory=MMDiTConfig)  # by `kind`, as in the run's config
+
+
+def run_model_config(path: Path) -> MMDiTConfig | SiTConfig:
+    """The `model` section of a run's saved config (an MMDiT or a SiT), checked like any config file."""
     section = (yaml.safe_load(path.read_text()) or {}).get("model")
     if not isinstance(section, dict):
         raise ValueError(f"{path} has no model section")
-    overrides = [f"{key}={json.dumps(value)}" for key, value in section.items()]
-    return load_config(MMDiTConfig, None, overrides)
+    overrides = [f"model.{key}={json.dumps(value)}" for key, value in section.items()]
+    return load_config(_ModelSection, None, overrides).model
 
 
 def newest_verified(run_dir: Path) -> Path:

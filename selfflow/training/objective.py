@@ -27,7 +27,7 @@ from `selfflow.eval.encoders.RepaEncoder` (`RepaEncoder(folder)(images, grid_hw)
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -38,7 +38,8 @@ from selfflow.flow.paths import TimestepConfig, interpolate, sample_timesteps, v
 
 METHODS = ("selfflow", "fm", "repa")
 REP_LOSSES = ("cosine", "l2")
-SECOND_TIMESTEPS = ("independent", "slightly_cleaner")
+SECOND_TIMESTEPS = ("independent", "slightly_cleaner", "none")
+CLEANER_GAPS = ("fixed", "uniform")
 
 # student(x, t, None) -> velocity; student(x, t, l) -> (velocity, projector(hidden after block l))
 Student = Callable[[Tensor, Tensor, int | None], Tensor | tuple[Tensor, Tensor]]
@@ -48,34 +49,61 @@ Teacher = Callable[[Tensor, Tensor, int], Tensor]
 
 @dataclass
 class ObjectiveConfig:
-    """Which objective to train and its ablation switches (DESIGN.md section 2).
+    """Which objective to train and its ablation switches (DESIGN.md section 2), each with its source.
 
-    `gamma = 0` with `method="selfflow"` is the "no representation loss" ablation: the student still
-    sees dual-timestep inputs, and the teacher never runs.
+    Methods: `selfflow` (paper Eq. 4-5), `fm` (vanilla flow matching: one timestep per sample, no mask,
+    no representation loss), `repa` (REPA, sihyun-yu/REPA `loss.py` / `train.py`: one timestep per sample,
+    the student's projected block-`l` tokens aligned by `-cosine` to a frozen encoder's patch tokens of
+    the decoded clean sample, `loss = fm + repa_coeff * rep`).
+
+    Ablations the paper reports (section 5.4), as defined here:
+    - no representation loss: `gamma=0` with `method=selfflow`. The student still sees dual-timestep
+      inputs (and the mask); the teacher never runs.
+    - no masking: `masking=false`. Every token of the student is at `t`; the teacher still sees the
+      cleaner `min(t, s)` (the paper does not say which; this keeps its teacher input unchanged).
+    - no dual-timestep scheduling at all: `second_timestep=none`. `s = t`: no mask, student and teacher
+      both at `t` (the teacher differs only by its EMA weights and its deeper block).
+    - slightly cleaner second timestep: `second_timestep=slightly_cleaner`, `s = max(t - gap, 0)` with the
+      gap `cleaner_delta` (`cleaner_gap=fixed`) or drawn from `U(0, cleaner_delta)` per sample
+      (`cleaner_gap=uniform`); masked tokens then sit at `s`, the teacher at `s`. The paper gives no gap:
+      0.05 fixed is this project's choice (unknown, chosen as "slightly" = 5% of the noise range).
+    - L2 instead of cosine: `rep_loss=l2`, the squared error per token averaged over tokens and channels
+      (a per-token mean, so it is on the scale of the flow-matching MSE).
     """
 
     method: str = "selfflow"  # "selfflow" | "fm" (vanilla flow matching) | "repa"
-    gamma: float = 0.8  # weight of the representation loss
-    student_layer: int = 8  # l: projector(student hidden after block l), 1-based
-    teacher_layer: int = 20  # k: teacher raw hidden after block k (selfflow only)
-    rep_loss: str = "cosine"  # "cosine" | "l2" (ablation)
-    masking: bool = True  # False: student sees t on every token; teacher still at min(t, s)
-    second_timestep: str = "independent"  # "independent" (paper) | "slightly_cleaner": s = clamp(t - delta, 0)
-    cleaner_delta: float = 0.05
-    cond_dropout: float = 0.1  # probability of dropping the condition (CFG training)
-    repa_encoder: str | None = None  # REPA: local folder of a transformers vision model (e.g. DINOv2)
-    repa_image_size: int = 0  # REPA: encoder input size; 0 = the encoder config's (REPA feeds DINOv2 224)
+    gamma: float = 0.8  # Self-Flow: weight of the representation loss (paper section 3)
+    repa_coeff: float = 0.5  # REPA: weight of its alignment loss (REPA train.py --proj-coeff 0.5)
+    # l, k (1-based): SiT-XL/2 student block 8, teacher block 20 (public release README; REPA's
+    # --encoder-depth 8). null: the same relative depths (8/28, 20/28) of the model, set by `selfflow train`.
+    student_layer: int | None = 8
+    teacher_layer: int | None = 20  # selfflow only
+    rep_loss: str = "cosine"  # "cosine" (paper, REPA) | "l2" (ablation, per-token mean)
+    masking: bool = True  # False: student at t on every token, teacher still at min(t, s) (ablation)
+    second_timestep: str = "independent"  # "independent" (paper) | "slightly_cleaner" | "none" (ablations)
+    cleaner_delta: float = 0.05  # slightly_cleaner: the gap (or its upper end); unknown, see above
+    cleaner_gap: str = "fixed"  # slightly_cleaner: "fixed" gap delta | "uniform" gap ~ U(0, delta)
+    cond_dropout: float = 0.1  # condition dropout for CFG (REPA / SiT --cfg-prob 0.1; the paper does not say)
+    repa_encoder: str | None = None  # REPA: local folder of a transformers vision model (e.g. DINOv2-B)
+    # REPA: encoder input size; 0 = REPA's for the encoder (224 for DINOv2: REPA train.py
+    # preprocess_raw_image resizes bicubically to 224), else the encoder config's image_size
+    repa_image_size: int = 0
+    # REPA: modalities trained with plain flow matching because REPA has no encoder for them (explicit;
+    # a modality REPA cannot serve and not listed here is a config error). Audio always needs listing.
+    repa_skip: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         _check_choice("method", self.method, METHODS)
         _check_choice("rep_loss", self.rep_loss, REP_LOSSES)
         _check_choice("second_timestep", self.second_timestep, SECOND_TIMESTEPS)
-        if not self.gamma >= 0:
-            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
+        _check_choice("cleaner_gap", self.cleaner_gap, CLEANER_GAPS)
+        for name in ("gamma", "repa_coeff"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("student_layer", "teacher_layer"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 (or null: from the model's depth), got {value!r}")
         if not isinstance(self.masking, bool):
             raise ValueError(f"masking must be a bool, got {self.masking!r}")
         if not 0 <= self.cleaner_delta <= 1:
@@ -84,6 +112,18 @@ class ObjectiveConfig:
             raise ValueError(f"cond_dropout must be in [0, 1], got {self.cond_dropout}")
         if self.repa_image_size < 0:
             raise ValueError(f"repa_image_size must be >= 0, got {self.repa_image_size}")
+        if not isinstance(self.repa_skip, list) or not all(isinstance(m, str) for m in self.repa_skip):
+            raise ValueError(f"repa_skip must be a list of modality names, got {self.repa_skip!r}")
+
+    @property
+    def rep_weight(self) -> float:
+        """The weight of this method's representation loss (0 for flow matching)."""
+        return {"selfflow": self.gamma, "repa": self.repa_coeff, "fm": 0.0}[self.method]
+
+    @property
+    def dual_timestep(self) -> bool:
+        """Whether the student sees two timesteps (Self-Flow's schedule, possibly ablated)."""
+        return self.method == "selfflow" and self.second_timestep != "none"
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -124,13 +164,16 @@ def noise_batch(
     B, L, _ = x0.shape
     noise = torch.randn(x0.shape, generator=generator)
     t = sample_timesteps(timesteps, B, generator)
-    if cfg.method != "selfflow":
-        s = t  # one timestep: vanilla flow matching
+    if not cfg.dual_timestep:
+        s = t  # one timestep: flow matching, REPA, or Self-Flow without dual-timestep scheduling
     elif cfg.second_timestep == "independent":
         s = sample_timesteps(timesteps, B, generator)  # same distribution, shift included
-    else:
-        s = (t - cfg.cleaner_delta).clamp(min=0)
-    if cfg.method == "selfflow" and cfg.masking:
+    else:  # slightly_cleaner
+        gap = torch.full((B,), cfg.cleaner_delta)
+        if cfg.cleaner_gap == "uniform":
+            gap = gap * torch.rand(B, generator=generator)
+        s = (t - gap).clamp(min=0)
+    if cfg.dual_timestep and cfg.masking:
         mask = torch.rand(B, L, generator=generator) < mask_ratio
     else:
         mask = torch.zeros(B, L, dtype=torch.bool)
@@ -158,9 +201,10 @@ def flow_matching_loss(v_pred: Tensor, x0: Tensor, noise: Tensor) -> Tensor:
 
 
 def representation_loss(pred: Tensor, target: Tensor, kind: str = "cosine") -> Tensor:
-    """Feature alignment loss in float32, averaged over tokens (paper Eq. 5).
+    """Feature alignment loss in float32, averaged over tokens (paper Eq. 5; REPA `loss.py`).
 
-    `cosine`: `-cos(pred, target)` per token. `l2` (ablation): squared L2 distance per token.
+    `cosine`: `-cos(pred, target)` per token. `l2` (ablation): the squared error averaged over tokens and
+    channels (a per-token mean, on the scale of the flow-matching MSE rather than `D` times it).
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} features differ in shape")
@@ -168,7 +212,7 @@ def representation_loss(pred: Tensor, target: Tensor, kind: str = "cosine") -> T
     if kind == "cosine":
         return -F.cosine_similarity(pred, target, dim=-1).mean()
     if kind == "l2":
-        return (pred - target).pow(2).sum(dim=-1).mean()
+        return (pred - target).pow(2).mean()
     raise ValueError(f"kind must be one of {REP_LOSSES}, got {kind!r}")
 
 
@@ -188,7 +232,9 @@ def training_loss(
     target_features: Tensor | None = None,
 ) -> LossTerms:
     """`fm + gamma * rep` for one batch; the student runs once, the teacher (if any) once without grad."""
-    if cfg.method == "fm" or cfg.gamma == 0:
+    if cfg.student_layer is None or (cfg.method == "selfflow" and cfg.teacher_layer is None):
+        raise ValueError("objective layers are null: resolve them from the model's depth first")
+    if cfg.rep_weight == 0:
         v = student(noised.x_student, noised.tau, None)
         fm = flow_matching_loss(v, x0, noised.noise)
         return LossTerms(fm, fm, fm.new_zeros(()))
@@ -206,4 +252,4 @@ def training_loss(
     v, features = student(noised.x_student, noised.tau, cfg.student_layer)
     fm = flow_matching_loss(v, x0, noised.noise)
     rep = representation_loss(features, target.detach(), cfg.rep_loss)
-    return LossTerms(fm + cfg.gamma * rep, fm, rep)
+    return LossTerms(fm + cfg.rep_weight * rep, fm, rep)

@@ -1,4 +1,4 @@
-"""Pretraining: Self-Flow (or flow matching / REPA) on the shared MMDiT trunk, as a task of the run loop.
+"""Pretraining: Self-Flow (or flow matching / REPA) on the MMDiT or the SiT trunk, as a task of the run loop.
 
 Each optimizer step draws one modality (a function of `(seed, step)`, so every rank agrees; with
 `deepspeed.grad_accum > 1` every micro-batch of the step comes from that modality, as the paper
@@ -6,31 +6,50 @@ draws one modality per step) and trains on that modality's micro-batches; noise,
 masks and condition dropout come from the loop's generator seeded by `(seed, step, micro, rank)`.
 The loop itself (checkpoints, resume, the finiteness check, MLflow) is `run.py`.
 
+`model.kind` picks the trunk: `mmdit` (FLUX.2-style, any modality, text or classes) or `sit` (the
+class-conditional SiT/DiT of the public ImageNet release, image latents only). `init=FILE` starts from
+weights (a `selfflow export`, a run's `ema.safetensors`, or the public `selfflow_imagenet256.pt`), read
+by the weights-only unpickler before anything starts.
+
     selfflow train --config configs/train/tiny.yaml                    # one process
+    selfflow train --config configs/train/sit_tiny.yaml                # the SiT trunk
     torchrun --nproc-per-node 8 -m selfflow.cli train --config ...     # one node, 8 GPUs
 """
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import nn
+from tqdm import tqdm
 
-from selfflow.backbone.mmdit import MMDiT, MMDiTConfig, build_mmdit
-from selfflow.data.batch import LatentBatch, mix_seed
+from selfflow.backbone.checkpoint import extract_state_dict, load_weights, read_checkpoint
+from selfflow.backbone.mmdit import MMDiTConfig
+from selfflow.backbone.sit import SiTConfig
+from selfflow.backbone.trunk import build_trunk
+from selfflow.data.batch import mix_seed
 from selfflow.data.loader import LatentStream, LoaderConfig, shard_list
 from selfflow.data.synthetic import SyntheticConfig, SyntheticLatents, SyntheticStream
-from selfflow.flow.paths import TimestepConfig
-from selfflow.modalities.grid import unpatchify
+from selfflow.flow.paths import AUTO, TimestepConfig
+from selfflow.modalities.builder import build_modality, timestep_distribution
+from selfflow.training.latent_space import (
+    REPA_MODALITIES,
+    RepaTarget,
+    prepared_modality,
+    raw_modality,
+    repa_targets,
+)
 from selfflow.training.objective import ObjectiveConfig, drop_condition, noise_batch, training_loss
 from selfflow.training.run import Models, Periodic, RunConfig, StepOutput, run
 
-# REPA's frozen encoder (given by the job): images (B, 3, H, W) in [-1, 1], the token grid (h, w) and the
-# device of the loss -> target features (B, h*w, d) on that device.
-RepaTarget = Callable[[Tensor, tuple[int, int], torch.device], Tensor]
+__all__ = ["RepaTarget", "TrainConfig", "PretrainTask", "train"]
+
+# The release's layers for SiT-XL/2 (28 blocks): student block 8, teacher block 20 (README of
+# black-forest-labs/Self-Flow). Other depths (the 21-block MMDiT: unknown in the paper) keep these
+# relative depths: round(8/28 * depth), round(20/28 * depth) -> 6, 15 for 21 blocks.
+STUDENT_DEPTH, TEACHER_DEPTH = 8 / 28, 20 / 28
 
 
 @dataclass
@@ -40,7 +59,10 @@ class MixConfig:
     probability: float = 1.0
     batch_size: int = 8  # per process
     mask_ratio: float = 0.25
-    timesteps: TimestepConfig = field(default_factory=lambda: TimestepConfig("logit_normal"))
+    # "auto" distribution: the autoencoder's (paper 4.3: uniform for SD-VAE latents, logit-normal for
+    # FLUX.2 AE / Wan2.2 / SongBloom latents; raw media and synthetic latents: logit-normal), resolved
+    # from the data's manifest.json when the job starts and saved resolved in the run's config.yaml.
+    timesteps: TimestepConfig = field(default_factory=lambda: TimestepConfig(AUTO))
     shards: str | None = None  # latent shards from `selfflow prepare`; None: the in-memory synthetic latents
     data: SyntheticConfig = field(default_factory=SyntheticConfig)  # used when shards is None
     max_bad_samples: int = 100  # consecutive corrupt samples after which the loader stops with an error
@@ -55,16 +77,14 @@ class MixConfig:
 def default_mix() -> dict[str, MixConfig]:
     """Paper defaults: image 57% x 38, video 30% x 8, audio 13% x 16; mask ratios 0.25 / 0.10 / 0.50.
 
-    Train shifts: audio 0.75 (public samples' names); image and video shifts are unknown (1.0).
-    Token grids as the paper's latents: FLUX.2 AE 256 px (16x16 x 128 ch), Wan2.2 45 frames at
-    192x320 (12x12x20 x 48 ch), SongBloom 10 s (250 x 64 ch).
+    Timesteps follow the autoencoder ("auto"). Train shifts: audio 0.75 (public samples' names); image and
+    video shifts are unknown (1.0). Token grids as the paper's latents: FLUX.2 AE 256 px (16x16 x 128 ch),
+    Wan2.2 45 frames at 192x320 (12x12x20 x 48 ch), SongBloom 10 s (250 x 64 ch).
     """
     return {
-        "image": MixConfig(0.57, 38, 0.25, TimestepConfig("logit_normal"), data=SyntheticConfig([1, 16, 16], 128)),
-        "video": MixConfig(0.30, 8, 0.10, TimestepConfig("logit_normal"), data=SyntheticConfig([12, 12, 20], 48)),
-        "audio": MixConfig(
-            0.13, 16, 0.50, TimestepConfig("logit_normal", shift=0.75), data=SyntheticConfig([250, 1, 1], 64)
-        ),
+        "image": MixConfig(0.57, 38, 0.25, TimestepConfig(AUTO), data=SyntheticConfig([1, 16, 16], 128)),
+        "video": MixConfig(0.30, 8, 0.10, TimestepConfig(AUTO), data=SyntheticConfig([12, 12, 20], 48)),
+        "audio": MixConfig(0.13, 16, 0.50, TimestepConfig(AUTO, shift=0.75), data=SyntheticConfig([250, 1, 1], 64)),
     }
 
 
@@ -75,39 +95,98 @@ def default_model() -> MMDiTConfig:
 
 @dataclass
 class TrainConfig(RunConfig):
-    model: MMDiTConfig = field(default_factory=default_model)
-    # Paper's layers for the 21-block MMDiT are unknown: SiT-XL's relative depths (8/28, 20/28) -> 6, 15.
-    objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(student_layer=6, teacher_layer=15))
+    model: MMDiTConfig | SiTConfig = field(default_factory=default_model)  # `model.kind`: mmdit | sit
+    # Layers null: the release's relative depths of the model (STUDENT_DEPTH, TEACHER_DEPTH above).
+    objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(student_layer=None, teacher_layer=None))
     modalities: dict[str, MixConfig] = field(default_factory=default_mix)
+    # Weights to start from (read by the weights-only unpickler, EMA first): a `selfflow export`, a run's
+    # ema.safetensors, or the public selfflow_imagenet256.pt (with model.kind=sit). The trunk must match
+    # exactly; only the projector may be missing or different (it then starts fresh). null: random init.
+    init: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
         total = sum(m.probability for m in self.modalities.values())
         if not self.modalities or abs(total - 1) > 1e-6:
             raise ValueError(f"modalities' probabilities must sum to 1, got {total}")
-        for name, mix in self.modalities.items():
-            dims = self.model.modalities.get(name)
-            if mix.shards is None and dims != [mix.data.channels] * 2:
-                raise ValueError(
-                    f"model.modalities.{name} must be [{mix.data.channels}, {mix.data.channels}], got {dims}"
-                )
-        check_objective(self.objective, self.model)
+        objective, model = self.objective, self.model
+        depth = model.depth
+        if objective.student_layer is None:
+            objective.student_layer = max(1, round(STUDENT_DEPTH * depth))
+        if objective.teacher_layer is None:
+            objective.teacher_layer = max(1, round(TEACHER_DEPTH * depth))
+        if model.projector_kind is None:  # the head the objective needs
+            model.projector_kind = "repa" if objective.method == "repa" else "selfflow"
+        if isinstance(model, SiTConfig):
+            check_sit_data(model, self.modalities)
+        else:
+            for name, mix in self.modalities.items():
+                dims = model.modalities.get(name)
+                if mix.shards is None and dims != [mix.data.channels] * 2:
+                    raise ValueError(
+                        f"model.modalities.{name} must be [{mix.data.channels}, {mix.data.channels}], got {dims}"
+                    )
+        check_objective(objective, model)
+        if objective.method == "repa":
+            check_repa_modalities(objective, self.modalities)
 
 
-def check_objective(objective: ObjectiveConfig, model: MMDiTConfig) -> None:
+def check_sit_data(model: SiTConfig, modalities: dict[str, MixConfig]) -> None:
+    """The SiT is a class-conditional image trunk: image tokens of its token width on its grid."""
+    if list(modalities) != ["image"]:
+        raise ValueError(
+            f"model.kind sit trains image latents only: set modalities.video=null and modalities.audio=null "
+            f"(modalities: {sorted(modalities)})"
+        )
+    data, g = modalities["image"].data, model.grid
+    if modalities["image"].shards is None:
+        if data.channels != model.token_dim or data.grid != [1, g, g]:
+            raise ValueError(
+                f"modalities.image.data must be grid [1, {g}, {g}] x {model.token_dim} channels for the SiT's "
+                f"{model.input_size}x{model.input_size}x{model.in_channels} latents with patch {model.patch_size}, "
+                f"got {data.grid} x {data.channels}"
+            )
+        if data.num_classes > model.null_class:
+            raise ValueError(
+                f"modalities.image.data.num_classes {data.num_classes} needs model.num_classes > it "
+                f"(the last row is the null class), got {model.num_classes}"
+            )
+
+
+def check_objective(objective: ObjectiveConfig, model: MMDiTConfig | SiTConfig) -> None:
     """What the objective needs from the model, checked with the config (not at the first step)."""
-    uses_projector = objective.method != "fm" and objective.gamma > 0
-    if uses_projector and not model.projector_dim:
+    uses_projector = objective.rep_weight > 0
+    if uses_projector and not model.projector_out:
         raise ValueError(f"objective {objective.method} needs model.projector_dim > 0 (the projector's width)")
-    if uses_projector and objective.method == "selfflow" and model.projector_dim != model.hidden_size:
+    if uses_projector and objective.method == "selfflow" and model.projector_out != model.hidden_size:
         raise ValueError(
             f"Self-Flow aligns the projector's output to the teacher's hidden state: model.projector_dim must "
             f"equal model.hidden_size {model.hidden_size}, got {model.projector_dim}"
         )
-    if max(objective.student_layer, objective.teacher_layer) > model.depth:
-        raise ValueError(f"objective layers must be <= model depth {model.depth}")
+    layers = [objective.student_layer, objective.teacher_layer]
+    if max(layer or 0 for layer in layers) > model.depth:
+        raise ValueError(f"objective layers must be <= model depth {model.depth}, got {layers}")
     if objective.method == "repa" and not objective.repa_encoder:
         raise ValueError("objective.method repa needs objective.repa_encoder (a local encoder folder)")
+
+
+def check_repa_modalities(objective: ObjectiveConfig, modalities: dict[str, MixConfig]) -> None:
+    """REPA serves images and (frame by frame) video through its image encoder; anything else must be
+    listed in objective.repa_skip (trained with plain flow matching), never switched over silently."""
+    unknown = sorted(set(objective.repa_skip) - set(modalities))
+    if unknown:
+        raise ValueError(f"objective.repa_skip names modalities this run does not train: {unknown}")
+    for name, mix in modalities.items():
+        if name in objective.repa_skip:
+            continue
+        if name not in REPA_MODALITIES:
+            raise ValueError(
+                f"objective.method repa: modality {name} has no REPA encoder (objective.repa_encoder is an image "
+                f"encoder, used for images and video frames); drop it (modalities.{name}=null) or train it with "
+                f"plain flow matching (objective.repa_skip=[{name}])"
+            )
+        if mix.shards is None:
+            raw_modality(name, mix.data.channels)  # synthetic tokens must be raw pixel patches
 
 
 def draw_modality(cfg: TrainConfig, step: int) -> str:
@@ -122,20 +201,43 @@ def draw_modality(cfg: TrainConfig, step: int) -> str:
 
 
 class PretrainTask:
-    """Model, one batch stream per modality, and the Self-Flow / FM / REPA loss of a micro-batch."""
+    """Model, one batch stream per modality, and the Self-Flow / FM / REPA loss of a micro-batch.
+
+    Everything the run reads is checked here, before the loop starts DeepSpeed: shards, their
+    autoencoders (manifest.json; "auto" timesteps are resolved into `cfg`, which the loop then saves),
+    REPA's decoders and the `init` weights.
+    """
 
     def __init__(self, cfg: TrainConfig, repa: RepaTarget | None = None):
         self.cfg, self.repa = cfg, repa
-        if cfg.objective.method == "repa" and repa is None:
+        objective = cfg.objective
+        if objective.method == "repa" and repa is None:
             raise ValueError("objective.method repa needs the encoder's target function")
-        for mix in cfg.modalities.values():  # inputs are checked before anything starts
+        self.adapters = {}  # modality -> the adapter that decodes its tokens to pixels for REPA
+        for name, mix in cfg.modalities.items():
             if mix.shards:
                 shard_list(mix.shards)
+            repa_here = objective.method == "repa" and name not in objective.repa_skip
+            prepared = None  # synthetic latents count as raw media
+            if mix.shards and (repa_here or mix.timesteps.distribution == AUTO):
+                prepared = prepared_modality(mix.shards, name)
+            if mix.timesteps.distribution == AUTO:
+                kind = prepared.autoencoder if prepared is not None else "raw"
+                mix.timesteps = replace(mix.timesteps, distribution=timestep_distribution(kind))
+            if repa_here:
+                self.adapters[name] = build_modality(prepared or raw_modality(name, mix.data.channels))
+        self.init_state = None
+        if cfg.init:
+            self.init_state, _ = extract_state_dict(read_checkpoint(cfg.init))
         self.micro_batch = max(m.batch_size for m in cfg.modalities.values())
         self.streams: dict = {}
 
-    def build_model(self) -> MMDiT:
-        return build_mmdit(self.cfg.model)
+    def build_model(self) -> nn.Module:
+        model = build_trunk(self.cfg.model)
+        if self.init_state is not None:
+            load_init(model, self.init_state, self.cfg.init)
+            self.init_state = None  # the loop copies the model for the EMA; the file's tensors can go
+        return model
 
     def open_data(self, rank: int, positions: dict[str, int]) -> None:
         """One endless batch stream per modality, fast-forwarded to the checkpoint's positions."""
@@ -158,48 +260,59 @@ class PretrainTask:
         modality = draw_modality(cfg, step)
         batch = next(self.streams[modality])
         objective, target = cfg.objective, None
-        if objective.method == "repa":  # REPA's encoder sees images; other modalities train plain flow matching
-            if modality == "image":
-                grid = (int(batch.ids[0, :, 1].max()) + 1, int(batch.ids[0, :, 2].max()) + 1)
-                target = self.repa(pixels(batch), grid, device)
-            else:
-                objective = replace(objective, method="fm")
+        if objective.method == "repa" and modality in objective.repa_skip:
+            objective = replace(objective, method="fm")  # listed in repa_skip: plain flow matching
+        elif objective.method == "repa" and objective.rep_weight > 0:
+            adapter = self.adapters[modality].to(device)
+            target = repa_targets(adapter, batch.x0, batch.ids, self.repa, device)
         x0, ids = batch.x0.to(device), batch.ids.to(device)
         # Condition dropout for CFG: null class and no text; the teacher gets the same condition.
         keep = drop_condition(len(x0), cfg.objective.cond_dropout, generator)
         y = txt = txt_mask = None
         if cfg.model.num_classes:
             y = torch.where(keep & (batch.labels >= 0), batch.labels, cfg.model.num_classes - 1).to(device)
-        if batch.text is not None and cfg.model.context_dim:
-            txt = batch.text.to(device)
-            txt_mask = (batch.text_mask & keep[:, None]).to(device)
+        if isinstance(cfg.model, SiTConfig):  # SiT(x, t, y, ids): class-conditional only
+            args, kwargs = (y, ids), {}
+        else:  # MMDiT(x, t, ids, txt=..., y=..., modality=...)
+            if batch.text is not None and cfg.model.context_dim:
+                txt = batch.text.to(device)
+                txt_mask = (batch.text_mask & keep[:, None]).to(device)
+            args, kwargs = (ids,), {"txt": txt, "txt_mask": txt_mask, "y": y, "modality": modality}
         mix = cfg.modalities[modality]
         noised = noise_batch(x0, mix.timesteps, mix.mask_ratio, objective, generator)
-        cond = {"txt": txt, "txt_mask": txt_mask, "y": y, "modality": modality}
 
         def student(x, t, layer):
             x = x.to(models.dtype)
             if layer is None:
-                return models.student(x, t, ids, **cond).float()
-            out = models.student.forward_with_features(x, t, ids, layer=layer, **cond)
+                return models.student(x, t, *args, **kwargs).float()
+            out = models.student.forward_with_features(x, t, *args, layer=layer, **kwargs)
             return out.velocity.float(), out.features.float()
 
         def teacher(x, t, layer):
             with models.teacher() as model:
-                return model.hidden_states(x, t, ids, layer=layer, **cond).float()
+                return model.hidden_states(x, t, *args, layer=layer, **kwargs).float()
 
         terms = training_loss(objective, x0, noised, student, teacher, target_features=target)
         return StepOutput(terms, modality, len(x0), x0.shape[0] * x0.shape[1])
 
 
-def pixels(batch: LatentBatch) -> torch.Tensor:
-    """Images `(B, 3, H, W)` from raw-pixel image tokens (`3 * p * p` channels per token)."""
-    channels = batch.x0.shape[-1]
-    patch = math.isqrt(channels // 3)
-    if 3 * patch * patch != channels:
-        raise ValueError(f"REPA needs raw-pixel image tokens (3 * p * p channels), got {channels} channels")
-    h, w = int(batch.ids[0, :, 1].max()) + 1, int(batch.ids[0, :, 2].max()) + 1
-    return unpatchify(batch.x0, batch.ids, patch, 3, h, w)
+def load_init(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """`init` weights into `model`: every trunk tensor must be there with its shape; a projector the file
+    lacks, or holds in another shape (another head), starts fresh."""
+    own = model.state_dict()
+    fresh = [k for k, v in state.items() if k.startswith("projector.") and k in own and own[k].shape != v.shape]
+    state = {k: v for k, v in state.items() if k not in fresh}
+    report = load_weights(model, state)
+    missing = [k for k in report.missing if not k.startswith("projector.") and k != "pos_embed"]
+    unexpected = [k for k in report.unexpected if not k.startswith("projector.")]
+    if missing or unexpected:
+        raise ValueError(
+            f"init={source} does not fit model ({model.cfg.kind}): missing {missing[:5]} ({len(missing)}), "
+            f"unexpected {unexpected[:5]} ({len(unexpected)}) (a changed model config?)"
+        )
+    starts_fresh = sorted({*fresh, *(k for k in report.missing if k.startswith("projector."))})
+    loaded = len(state) - len(report.unexpected)
+    tqdm.write(f"init: {loaded} tensors from {source}; starting fresh: {', '.join(starts_fresh) or '-'}")
 
 
 def train(cfg: TrainConfig, repa: RepaTarget | None = None, callbacks: Sequence[Periodic] = ()) -> Path:
