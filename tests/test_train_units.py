@@ -297,3 +297,18 @@ def test_threads_per_process_shares_the_cores_among_the_nodes_processes(monkeypa
     assert threads_per_process(0) == 1  # never zero
     with pytest.raises(ConfigError, match="threads"):
         load_config(TrainConfig, "configs/train/tiny.yaml", ["threads=-1"])
+
+
+def test_tokens_wider_than_the_trunk_are_warned_about():
+    from selfflow.training.train import WideTokenWarning, warn_wide_tokens
+
+    cfg = MMDiTConfig.tiny()
+    cfg.modalities = {"image": [48, 48], "audio": [cfg.hidden_size + 1, cfg.hidden_size + 1]}
+    with pytest.warns(WideTokenWarning, match=r"model\.modalities\.audio"):
+        warn_wide_tokens(cfg)
+    cfg.modalities = {"image": [cfg.hidden_size, cfg.hidden_size]}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_wide_tokens(cfg)  # as wide as the trunk: fine

@@ -24,7 +24,7 @@ from selfflow.robotics.video_action import VideoActionConfig, video_action_loss
 from selfflow.training.objective import ObjectiveConfig
 from selfflow.training.run import Models, RunConfig, StepOutput, run
 from selfflow.training.schedules import EMAConfig
-from selfflow.training.train import check_objective
+from selfflow.training.train import check_objective, warn_wide_tokens
 
 
 def robot_model() -> MMDiTConfig:
@@ -65,6 +65,7 @@ class FinetuneConfig(RunConfig):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         check_objective(self.objective, self.model)
+        warn_wide_tokens(self.model)
 
 
 def init_model(cfg: FinetuneConfig, weights: dict | None = None) -> MMDiT:
