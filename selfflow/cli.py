@@ -140,9 +140,20 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. seed=1")
 
 
+def package_version() -> str:
+    """The installed distribution's version (pyproject.toml)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("selfflow")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser(selected: str | None) -> argparse.ArgumentParser:
     """All verbs; the config-key listing is built only for the verb being run (its `--help`)."""
     parser = argparse.ArgumentParser(prog="selfflow", description="Self-Flow: self-supervised flow matching.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="job", required=True)
     for job, (help_text, description) in DESCRIPTIONS.items():
         job_parser = sub.add_parser(
