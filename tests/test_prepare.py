@@ -1,6 +1,6 @@
 """`selfflow prepare`: raw shards -> latent shards read back through the training loader, bad data, the CLI.
 
-The media are decoded here independently (PIL, decord, soundfile) and re-encoded with the same
+The media are decoded here independently (PIL, PyAV, soundfile) and re-encoded with the same
 adapters, so the stored tokens, ids and captions are checked against what they should be, and the
 tokens are decoded back to the media within bf16 rounding.
 
@@ -13,7 +13,7 @@ import tarfile
 from dataclasses import replace
 from pathlib import Path
 
-import decord
+import av
 import numpy as np
 import pytest
 import sentencepiece
@@ -56,8 +56,9 @@ def raw_samples(raw: Path, modality: str) -> dict[str, dict]:
                 pixels = torch.from_numpy(np.array(Image.open(io.BytesIO(s["png"])).convert("RGB")))
                 media = pixels.permute(2, 0, 1).float() / 127.5 - 1
             elif modality == "video":
-                reader = decord.VideoReader(io.BytesIO(s["mp4"]))
-                frames = torch.from_numpy(reader.get_batch(list(range(len(reader)))).asnumpy())
+                with av.open(io.BytesIO(s["mp4"])) as container:  # FFmpeg through PyAV, not the project's reader
+                    pictures = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+                frames = torch.from_numpy(np.stack(pictures))
                 media = frames.permute(3, 0, 1, 2).float() / 127.5 - 1
             else:
                 wave, _ = sf.read(io.BytesIO(s["flac"]), dtype="float32", always_2d=True)

@@ -276,7 +276,7 @@ def to_item(sample: dict, modality: Modality, need_caption: bool) -> Item:
         raise SampleError("bad json", "not an object")
     try:
         media = decode_media(found[1], modality)
-    except Exception as err:  # PIL, decord, soundfile and torchaudio each raise their own error types
+    except Exception as err:  # PIL, PyAV, soundfile and torchaudio each raise their own error types
         raise SampleError("undecodable media", f"{type(err).__name__}: {err}") from None
     try:
         modality.latent_shape((1, *media.shape))

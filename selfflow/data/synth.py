@@ -41,7 +41,7 @@ class SynthConfig:
     num_audio: int = 512
     image_size: int = 32  # pixels, square
     video_frames: int = 9  # 4n + 1 suits Wan-style causal video VAEs
-    video_size: int = 32  # pixels, square, even (yuv420p); decord misreads 48 and 72 (dmlc/decord#336)
+    video_size: int = 32  # pixels, square, even (yuv420p)
     fps: int = 8
     audio_seconds: float = 1.0
     sample_rate: int = 16000
