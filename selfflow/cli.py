@@ -1,7 +1,9 @@
 """The `selfflow` command line: one sub-command per job.
 
     selfflow synth --config configs/data/synth.yaml num_images=256
+    selfflow pack src=~/photos out_dir=data/mine/raw image_size=256
     selfflow prepare --config configs/data/prepare_tiny.yaml workers=4
+    selfflow generate --model runs/demo/export/ema prompt="a red circle moving right" modality=video
     selfflow sample --config configs/sample/tiny.yaml sampler.num_steps=20 out_dir=outputs/demo
     selfflow eval checkpoint=runs/demo/export/ema.safetensors eval.num_samples=64
     selfflow sample --help        # options and every config key with its default
@@ -31,10 +33,18 @@ def _job_config(job: str) -> type:
         from selfflow.data.synth import SynthConfig
 
         return SynthConfig
+    if job == "pack":
+        from selfflow.data.pack import PackConfig
+
+        return PackConfig
     if job == "prepare":
         from selfflow.data.prepare import PrepareConfig
 
         return PrepareConfig
+    if job == "generate":
+        from selfflow.pipeline import GenerateConfig
+
+        return GenerateConfig
     if job == "sample":
         from selfflow.eval.sample import SampleConfig
 
@@ -71,12 +81,28 @@ DESCRIPTIONS = {
         "from a seed as raw webdataset shards out_dir/{image,video,audio}/shard-*.tar plus manifest.json.\n"
         "Nothing is downloaded; the same config gives the same items.",
     ),
+    "pack": (
+        "your folder of images / videos / audio with captions -> raw webdataset shards for prepare",
+        "Walk src for image / video / audio files (by extension); caption each from a CSV / JSONL\n"
+        "(captions=FILE), a sidecar <stem>.txt, or its class folder (class_folders=true, labels numbered\n"
+        "as ImageFolder does); resize / centre-crop, resample, cut to the limits; write\n"
+        "out_dir/<modality>/shard-*.tar in the layout `selfflow prepare` reads. Files too large, without\n"
+        "a caption or that do not decode are skipped and counted by reason in out_dir/summary.json.",
+    ),
     "prepare": (
         "encode raw webdataset shards into the latent shards that training reads",
         "Train a sentencepiece model on all captions, then encode raw_dir/<modality>/*.tar with each\n"
         "modality's autoencoder in worker processes into out_dir/<modality>/latent-*.tar (latent tokens,\n"
         "ids, text ids). Corrupt samples and shards are skipped and counted with their keys in\n"
         "out_dir/summary.json; out_dir/manifest.json describes the token shapes and shards.",
+    ),
+    "generate": (
+        "sample from an exported model folder with a prompt (or class label): PNG / MP4 / WAV",
+        "Load a model folder written by `selfflow export` (weights, trunk config, sentencepiece model,\n"
+        "autoencoder configs; nothing is downloaded), sample num_samples items for the prompt with the\n"
+        "sampler (Euler 50, no guidance by default; sample i seeded by (seed, i) as in `selfflow eval`),\n"
+        "decode them and write out_dir/<modality>-<seed>-<i>.png|mp4|wav, each with a .json sidecar\n"
+        "(prompt, label, sampler, steps, CFG, seed, model, step; PNGs also carry it in a text chunk).",
     ),
     "sample": (
         "draw class-conditional samples from a SiT checkpoint (PNGs + ADM .npz)",
@@ -142,12 +168,9 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
 
 def package_version() -> str:
     """The installed distribution's version (pyproject.toml)."""
-    from importlib.metadata import PackageNotFoundError, version
+    from selfflow import __version__
 
-    try:
-        return version("selfflow")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
+    return __version__
 
 
 def build_parser(selected: str | None) -> argparse.ArgumentParser:
@@ -164,6 +187,8 @@ def build_parser(selected: str | None) -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         _add_job_arguments(job_parser)
+        if job == "generate":
+            job_parser.add_argument("--model", help="the model folder `selfflow export` wrote (same as model=...)")
         if job == "train":
             job_parser.add_argument(
                 "--resume", action="store_true", help="require a checkpoint in run_dir to continue from (error if none)"
@@ -193,6 +218,7 @@ def build_parser(selected: str | None) -> argparse.ArgumentParser:
     exp.add_argument("--checkpoint", help="a specific checkpoint folder instead of the latest")
     exp.add_argument("--out", required=True, help="output .safetensors path")
     exp.add_argument("--student", action="store_true", help="also write OUT.student.safetensors (online weights)")
+    exp.add_argument("--folder", help="the shareable model folder (default: OUT without its suffix)")
     return parser
 
 
@@ -220,19 +246,32 @@ def run_job(args: argparse.Namespace) -> int:
     if args.job == "export":
         from selfflow.training.export import export
 
-        print(f"wrote {export(args.run, args.out, args.checkpoint, args.student)}")
+        out = export(args.run, args.out, args.checkpoint, args.student, args.folder)
+        print(f"wrote {out} and the model folder {Path(args.folder) if args.folder else out.with_suffix('')}")
         return 0
-    cfg = load_config(_job_config(args.job), args.config, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "model", None):  # generate --model FOLDER
+        overrides.insert(0, f"model={args.model}")
+    cfg = load_config(_job_config(args.job), args.config, overrides)
     if args.job == "synth":
         from selfflow.data.synth import synth
 
         manifest = synth(cfg)
         counts = ", ".join(f"{m['count']} {name}" for name, m in manifest["modalities"].items())
         print(f"wrote {counts} items ({manifest['bytes'] / 1e6:.1f} MB) to {cfg.out_dir}")
+    elif args.job == "pack":
+        from selfflow.data.pack import pack
+
+        pack(cfg)
     elif args.job == "prepare":
         from selfflow.data.prepare import prepare
 
         prepare(cfg)
+    elif args.job == "generate":
+        from selfflow.pipeline import run_generate
+
+        for path in run_generate(cfg):
+            print(f"wrote {path}")
     elif args.job == "sample":
         from selfflow.eval.sample import run_sample
 

@@ -17,3 +17,21 @@ def reference() -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"reference fixture missing: {path} (set SELFFLOW_FIXTURES to its folder)")
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_mlflow_store(tmp_path_factory):
+    """Module- and session-scoped fixtures that train log here (the per-test store below is not set up yet)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}")
+        yield
+
+
+@pytest.fixture(autouse=True)
+def mlflow_store(tmp_path, monkeypatch) -> str:
+    """Every test's runs go to a store of its own (`$MLFLOW_TRACKING_URI`, which `selfflow train` honours
+    and child processes inherit), never into the repository's project store `./mlflow.db`."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    return uri

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from PIL import Image
 from train_runs import REPO, launch
 
 from selfflow.backbone.mmdit import MMDiTConfig, build_mmdit
@@ -152,6 +153,10 @@ def test_train_eval_report_end_to_end(data, tmp_path):
     assert '<audio controls src="media/run_step3_audio_000.wav">' in page
     assert "| run (no guidance) |" in markdown and "| run (CFG 2) |" in markdown
     assert (report / "media/run_step3_guided_image_grid.png").is_file()
+    real = report / "media/run_step3_real_image_grid.png"  # the real items beside the samples (decoded latents)
+    assert real.is_file() and "media/run_step3_real_image_grid.png" in page and "real items" in page
+    grid, samples = (np.asarray(Image.open(p)) for p in (real, report / "media/run_step3_image_grid.png"))
+    assert grid.std() > 0 and not np.array_equal(grid, samples)
     artifacts = {a.path for a in client.list_artifacts(record["run_id"], "report")}
     assert {"report/report.html", "report/report.md", "report/media"} <= artifacts
 

@@ -267,7 +267,7 @@ def test_missing_data_stops_before_anything_starts(tmp_path, capsys):
     assert "model parameters" not in said.out and not run_dir.exists()  # no DeepSpeed, no MLflow run
 
 
-def test_a_folder_of_corrupt_samples_stops_naming_it_and_the_mlflow_run_fails(tmp_path, capsys):
+def test_a_folder_of_corrupt_samples_stops_naming_it_and_the_mlflow_run_fails(tmp_path, capsys, mlflow_store):
     import webdataset as wds
 
     shards = tmp_path / "corrupt"
@@ -284,6 +284,6 @@ def test_a_folder_of_corrupt_samples_stops_naming_it_and_the_mlflow_run_fails(tm
     assert f"7 corrupt samples or shards in a row in {shards}" in err
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.resolve() / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=mlflow_store)
     (run,) = client.search_runs(client.get_experiment_by_name("selfflow").experiment_id)
     assert run.info.status == "FAILED"

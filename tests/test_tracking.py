@@ -4,19 +4,23 @@ Run with `.venv/bin/pytest tests/test_tracking.py -s` (-s also prints the server
 """
 
 import os
+import shlex
+import subprocess
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # tests never phone home; read at `import mlflow`
-mlflow = pytest.importorskip("mlflow")
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow_server import free_port, mlflow_server_fixture  # noqa: E402, F401
 
+from selfflow.training.run import LogWindow  # noqa: E402
 from selfflow.training.tracking import (  # noqa: E402
     MAX_PARAM_VALUE_LENGTH,
     TRUNCATION_NOTE,
@@ -131,27 +135,83 @@ def test_server_resume_appends(mlflow_server, tmp_path):
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
-def test_local_store_under_run_dir(tmp_path):
-    run_dir = tmp_path / "run"
+def test_project_store_in_the_current_folder_with_source_tags(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # neither config nor environment names a store
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "runs" / "first"
     tracker = Tracker(TrackingConfig(), run_dir)
     tracker.log_params({"model": {"depth": 2}})
     log_steps(tracker, range(3))
     (tmp_path / "samples.txt").write_text("ok")
     tracker.log_artifact(tmp_path / "samples.txt")
     tracker.close()
+    second = Tracker(TrackingConfig(), tmp_path / "runs" / "second")  # another run of the project: same store
+    second.close()
 
-    assert (run_dir / "mlflow.db").is_file()
-    assert (run_dir / "mlartifacts" / tracker.run_id / "artifacts" / "samples.txt").read_text() == "ok"
-    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    assert (tmp_path / "mlflow.db").is_file() and not (run_dir / "mlflow.db").exists()
+    assert (tmp_path / "mlartifacts" / tracker.run_id / "artifacts" / "samples.txt").read_text() == "ok"
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("selfflow")
+    names = sorted(r.info.run_name for r in client.search_runs([experiment.experiment_id]))
+    assert names == ["first", "second"]
     run = client.get_run(tracker.run_id)
-    assert run.info.run_name == "run"
     assert run.data.params == {"model.depth": "2"}
     assert_history(client, tracker.run_id, range(3))
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+    assert run.data.tags["mlflow.source.git.commit"] == head.stdout.strip()
+    assert run.data.tags["selfflow.git.dirty"] in ("true", "false")
+    assert run.data.tags["selfflow.command"] == shlex.join(sys.argv)
+    assert run.data.tags["selfflow.run_dir"] == str(run_dir.resolve())
 
     resumed = Tracker(TrackingConfig(), run_dir, run_id=tracker.run_id)
     log_steps(resumed, range(3, 4))
     resumed.close()
     assert_history(client, tracker.run_id, range(4))
+
+
+def test_mlflow_environment_variables_are_honoured_and_config_wins(tmp_path, monkeypatch):
+    env_store, config_store = f"sqlite:///{tmp_path / 'env.db'}", f"sqlite:///{tmp_path / 'config.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env_store)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
+    Tracker(TrackingConfig(), tmp_path / "a").close()
+    Tracker(TrackingConfig(tracking_uri=config_store, experiment="from-config"), tmp_path / "b").close()
+    env_client, config_client = MlflowClient(tracking_uri=env_store), MlflowClient(tracking_uri=config_store)
+    assert [r.info.run_name for r in env_client.search_runs([exp_id(env_client, "from-env")])] == ["a"]
+    assert [r.info.run_name for r in config_client.search_runs([exp_id(config_client, "from-config")])] == ["b"]
+    assert config_client.get_experiment_by_name("from-env") is None
+
+
+def test_a_resumed_run_continues_in_the_store_it_recorded_unless_told_otherwise(tmp_path, monkeypatch):
+    recorded = f"sqlite:///{tmp_path / 'recorded.db'}"
+    first = Tracker(TrackingConfig(tracking_uri=recorded), tmp_path / "run")
+    first.close()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)  # resumed from elsewhere: the recorded store, not ./mlflow.db
+    again = Tracker(TrackingConfig(), tmp_path / "run", run_id=first.run_id, recorded_uri=recorded)
+    assert (again.uri, again.run_id) == (recorded, first.run_id)
+    again.close()
+    assert not (tmp_path / "mlflow.db").exists()
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    with pytest.warns(TrackingWarning, match="a new run starts in"):
+        cfg = TrackingConfig(tracking_uri=other)
+        moved = Tracker(cfg, tmp_path / "run", run_id=first.run_id, recorded_uri=recorded)
+    assert moved.uri == other and moved.run_id not in (None, first.run_id)
+    moved.close()
+
+
+def exp_id(client: MlflowClient, name: str) -> str:
+    return client.get_experiment_by_name(name).experiment_id
+
+
+def test_log_window_averages_each_metric_over_the_steps_that_had_it():
+    window = LogWindow()
+    window.add({"loss": 1.0, "loss/image": 1.0, "lr": 1e-4, "skipped": 0})
+    window.add({"loss": 3.0, "loss/audio": 3.0, "lr": 2e-4, "skipped": 0})
+    window.add({"loss": float("nan"), "loss/image": float("nan"), "lr": 3e-4, "skipped": 1})  # a skipped step
+    window.add({"loss": 5.0, "loss/image": 2.0, "lr": 4e-4, "skipped": 1})
+    assert window.flush() == {"loss": 3.0, "loss/image": 1.5, "loss/audio": 3.0, "lr": 4e-4, "skipped": 1}
+    window.add({"loss": 7.0})
+    assert window.flush() == {"loss": 7.0}  # a new window
 
 
 def test_unreachable_server_warns_once_and_is_noop(tmp_path, monkeypatch):

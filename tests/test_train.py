@@ -51,14 +51,14 @@ def test_zero3_matches_zero2_with_unused_modality_parameters(zero2_run, tmp_path
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
 
 
-def test_resume_reproduces_uninterrupted_loss_trace(zero2_run, tmp_path):
+def test_resume_reproduces_uninterrupted_loss_trace(zero2_run, tmp_path, mlflow_store):
     run_dir = tmp_path / "resumed"
     launch(2, run_dir, "steps=6", "save_every=6")
     launch(2, run_dir, "steps=12", "save_every=6")
     assert trace(metrics(run_dir)) == trace(metrics(zero2_run))  # bit for bit, every logged term
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.resolve() / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=mlflow_store)
     runs = client.search_runs(client.get_experiment_by_name("selfflow").experiment_id)
     assert len(runs) == 1  # the resumed job continued the same MLflow run
     history = client.get_metric_history(runs[0].info.run_id, "loss")

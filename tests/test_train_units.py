@@ -121,6 +121,30 @@ def test_modality_entries_start_from_their_defaults():
     assert cfg.modalities["audio"].timesteps.shift == 0.75
 
 
+def test_token_widths_and_text_setup_come_from_the_prepared_manifest(tmp_path):
+    data = tmp_path / "latents"
+    (data / "image").mkdir(parents=True)
+    manifest = {
+        "modalities": {"image": {"token_dim": 12, "modality": {"name": "image", "autoencoder": "raw"}}},
+        "text": {"vocab_size": 40, "dim": None, "config": {"kind": "sentencepiece", "max_length": 9}},
+    }
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    only_image = ["modalities.video=null", "modalities.audio=null", "modalities.image.probability=1"]
+    # the preset says [48, 48] and no text vocabulary: the data's manifest decides
+    overrides = [*only_image, f"modalities.image.shards={data / 'image'}", "model.modalities.image=[48,48]"]
+    overrides += ["model.context_dim=16"]
+    cfg = load_config(TrainConfig, "configs/train/tiny.yaml", overrides)
+    assert cfg.model.modalities["image"] == [12, 12]
+    assert (cfg.model.text_vocab, cfg.model.text_max_length) == (40, 9)
+    manifest["text"] = {"vocab_size": None, "dim": 24, "config": {"kind": "t5", "max_length": 9}}
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    cfg = load_config(TrainConfig, "configs/train/tiny.yaml", overrides)
+    assert (cfg.model.context_dim, cfg.model.text_vocab) == (24, 0)  # encoder features: their width
+    (data / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="not a `selfflow prepare` manifest"):
+        load_config(TrainConfig, "configs/train/tiny.yaml", overrides)
+
+
 def _sealed(run_dir, step, run_uid="run-a", **meta):
     """A checkpoint folder with the files selfflow writes, sealed by its manifest."""
     folder = checkpoints.checkpoint_dir(run_dir, step)

@@ -59,6 +59,7 @@ from selfflow.flow.samplers import SamplerConfig
 
 MODALITIES = ("image", "video", "audio")
 GUIDED = "guided"  # key of the guided set in a modality's metrics and media
+REAL = "real"  # key of the real items' media (what the samples were conditioned on), in a modality's media
 
 
 @dataclass
@@ -145,6 +146,7 @@ def evaluate(model: MMDiT, cfg: EvalConfig, out: Path, step: int) -> dict:
         metrics, weights = score(name, fake, real, items, cfg, rate, reference)
         metrics["caption_accuracy_real"] = reference["caption_accuracy_real"]
         result["media"][name] = save_samples(name, fake, items, out / "samples", cfg)
+        result["media"][name][REAL] = save_samples(name, real, items, out / "samples", cfg, prefix="real_")
         if cfg.guided_cfg:
             guided = decode(modality, generate(model, items, guided_sampler(cfg), cfg.seed, cfg.batch_size), items)
             metrics[GUIDED], _ = score(name, guided, real, items, cfg, rate, reference)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import matplotlib
 
-from selfflow.eval.evaluate import GUIDED, flat, set_label
+from selfflow.eval.evaluate import GUIDED, REAL, flat, set_label
 from selfflow.eval.summary import Spread, seed_of, spread, verdict
 
 matplotlib.use("Agg")  # files only, no display
@@ -162,7 +162,10 @@ def modality_section(modality: str, latest, seeded: bool, runs: list[Run], out: 
             notes += probe_notes(rows)
         for r, (folder, result) in latest:
             if id(r) in shown and set_metrics(result, modality, guided) is not None:
-                samples.append(copy_samples(modality, r, folder, result, out, guided, label))
+                samples.append(copy_samples(modality, r, folder, result, out, label, GUIDED if guided else None))
+    for r, (folder, result) in latest:  # the real items the samples were conditioned on, first
+        if id(r) in shown and REAL in result.get("media", {}).get(modality, {}):
+            samples.insert(0, copy_samples(modality, r, folder, result, out, "real items", REAL))
     plots = [p for p in [plot_metric_vs_step(modality, runs, out)] if p]
     return Section(modality, plots, tables, samples, notes)
 
@@ -342,9 +345,10 @@ def save_figure(fig, path: Path) -> str:
 # ---------------------------------------------------------------- samples, rendering, MLflow
 
 
-def copy_samples(modality: str, run: Run, folder: Path, result: dict, out: Path, guided: bool, label: str) -> dict:
+def copy_samples(modality: str, run: Run, folder: Path, result: dict, out: Path, label: str, key: str | None) -> dict:
+    """Copy one set of an evaluation's media (`key`: None the samples, GUIDED, REAL) beside the report."""
     saved = result.get("media", {}).get(modality, {"files": [], "captions": []})
-    saved = saved.get(GUIDED, {"files": [], "captions": []}) if guided else saved
+    saved = saved.get(key, {"files": [], "captions": []}) if key else saved
     files = []
     for rel in saved["files"]:
         target = out / "media" / f"{run.name}_step{result['step']}_{Path(rel).name}"

@@ -106,6 +106,15 @@ def load_vae(path: str, device: torch.device):
 
 @torch.no_grad()
 def sample_batch(model: SiT, vae, cfg: SampleConfig, indices: list[int], device: torch.device) -> np.ndarray:
+    """uint8 NHWC images of samples `indices`: latents decoded by the SD-VAE (or read as pixels without one)."""
+    latents = sample_latents(model, cfg, indices, device)
+    images = vae.decode(latents / cfg.vae_scale).sample if vae is not None else latents
+    return to_uint8(images.float())
+
+
+@torch.no_grad()
+def sample_latents(model: SiT, cfg: SampleConfig, indices: list[int], device: torch.device) -> Tensor:
+    """The latent grids `(n, C, H, W)` of samples `indices`, sample i seeded by `(cfg.seed, i)`."""
     m = cfg.model
     noise_source = PerSampleNoise([sample_seed(cfg.seed, i) for i in indices])
     latent_noise = torch.stack(
@@ -121,9 +130,7 @@ def sample_batch(model: SiT, vae, cfg: SampleConfig, indices: list[int], device:
         null_label=m.null_class,
         noise_source=noise_source,
     )
-    latents = unpatchify(tokens, ids, m.patch_size, m.in_channels, m.grid, m.grid)
-    images = vae.decode(latents / cfg.vae_scale).sample if vae is not None else latents
-    return to_uint8(images.float())
+    return unpatchify(tokens, ids, m.patch_size, m.in_channels, m.grid, m.grid)
 
 
 def run_sample(cfg: SampleConfig) -> Path:

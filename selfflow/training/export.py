@@ -7,9 +7,22 @@ read, and DeepSpeed's files only through the weights-only unpickler:
 
     selfflow export --run runs/tiny --out exports/tiny.safetensors [--student]
     model, meta = load_export("exports/tiny.safetensors")
+
+Beside the file it writes a model folder (`exports/tiny/`, or `--folder`) laid out as Hugging Face
+model folders are, which `selfflow.pipeline.SelfFlowPipeline.from_pretrained(folder)` and
+`selfflow generate --model folder` load with no network and no run folder:
+
+    config.json        {"format": "selfflow-model-1", "model": the trunk config, "step", "weights", "text": ...}
+    model.safetensors  the EMA weights (fp32), the same file as the export
+    modalities.json    per modality: the autoencoder config (kind, local path, patch), latent and token shape
+    text/spm.model     the sentencepiece model of the captions (a text-encoder folder is referenced by path)
+    stats/<name>.json  latent statistics of an Oobleck modality
+    training.yaml      the run's resolved training config
+    README.md          the model card: model, data summary, training config, latest evaluation table
 """
 
 import json
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,8 +67,15 @@ def newest_verified(run_dir: Path) -> Path:
     raise FileNotFoundError(f"no complete checkpoint in {checkpoints.checkpoint_root(run_dir)}{listing}")
 
 
-def export(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None, student: bool = False) -> Path:
-    """Write `out` (EMA) and, with `student`, `out` with a `.student` suffix; returns the EMA file."""
+def export(
+    run_dir: str | Path,
+    out: str | Path,
+    checkpoint: str | Path | None = None,
+    student: bool = False,
+    folder_out: str | Path | None = None,
+) -> Path:
+    """Write `out` (EMA), with `student` also `out` with a `.student` suffix, and the model folder
+    (`folder_out`, default `out` without its suffix); returns the EMA file."""
     folder = Path(checkpoint) if checkpoint else newest_verified(Path(run_dir))
     try:
         checkpoints.verify(folder)  # every file against the manifest before anything is read
@@ -76,4 +96,115 @@ def export(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None =
     if student:
         path = out.with_name(out.stem + ".student.safetensors")
         save_file(consolidated_student(folder), str(path), metadata={**meta, "weights": "student"})
+    write_model_folder(Path(folder_out) if folder_out else out.with_suffix(""), out, folder, Path(run_dir), model_cfg)
     return out
+
+
+def write_model_folder(dest: Path, weights: Path, checkpoint: Path, run_dir: Path, model_cfg) -> Path:
+    """The shareable folder (see the module's docstring) for the exported `weights` of `checkpoint`."""
+    from selfflow import __version__
+    from selfflow.training.latent_space import manifest_path
+
+    train_cfg = yaml.safe_load((checkpoint / "config.yaml").read_text()) or {}
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(weights, dest / "model.safetensors")
+    shutil.copyfile(checkpoint / "config.yaml", dest / "training.yaml")
+    modalities, text, data = {}, None, {}
+    for name, mix in (train_cfg.get("modalities") or {}).items():
+        shards = (mix or {}).get("shards")
+        path = manifest_path(shards) if shards else None
+        if path is None or not path.is_file():
+            continue
+        manifest = json.loads(path.read_text())
+        entry = manifest.get("modalities", {}).get(name)
+        if not entry:
+            continue
+        adapter = dict(entry["modality"])
+        if adapter.get("stats"):  # Oobleck statistics travel with the model
+            (dest / "stats").mkdir(exist_ok=True)
+            shutil.copyfile(adapter["stats"], dest / "stats" / f"{name}.json")
+            adapter["stats"] = f"stats/{name}.json"
+        modalities[name] = {
+            "modality": adapter,
+            "latent_shape": entry["latent_shape"],
+            "tokens": entry["tokens"],
+            "token_dim": entry["token_dim"],
+        }
+        data[name] = {
+            "count": entry["count"],
+            "shards": str(Path(shards).resolve()),
+            "raw_dir": manifest.get("raw_dir"),
+        }
+        text = text or manifest.get("text")
+    if text and text["config"]["kind"] == "sentencepiece":
+        (dest / "text").mkdir(exist_ok=True)
+        shutil.copyfile(text["config"]["path"], dest / "text" / "spm.model")
+        text = {**text, "config": {**text["config"], "path": "text/spm.model"}}
+    state = checkpoints.read_state(checkpoint)
+    config = {
+        "format": "selfflow-model-1",
+        "selfflow_version": __version__,
+        "model": asdict(model_cfg),
+        "step": state["step"],
+        "weights": "ema",
+        "text": text,  # null: no text conditioning
+        "objective": train_cfg.get("objective"),
+    }
+    (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (dest / "modalities.json").write_text(json.dumps(modalities, indent=2) + "\n")
+    (dest / "README.md").write_text(model_card(config, modalities, data, train_cfg, latest_eval(run_dir)))
+    return dest
+
+
+def latest_eval(run_dir: Path) -> dict | None:
+    """The newest evaluation of the run (`evals/step_N/eval.json`), if it has one."""
+    evals = sorted(run_dir.glob("evals/step_*/eval.json"), key=lambda p: int(p.parent.name.split("_")[-1]))
+    return json.loads(evals[-1].read_text()) if evals else None
+
+
+def model_card(config: dict, modalities: dict, data: dict, train_cfg: dict, evaluation: dict | None) -> str:
+    """A Markdown model card: what the model is, what it was trained on and how, and how it scored."""
+    model = config["model"]
+    objective = config.get("objective") or {}
+    lines = [
+        "---",
+        "library_name: selfflow",
+        "tags: [self-flow, flow-matching, diffusion-transformer]",
+        "---",
+        "",
+        f"# selfflow {model.get('kind', 'mmdit')} trunk, step {config['step']}",
+        "",
+        f"Trained with `selfflow` {config['selfflow_version']} ({objective.get('method', 'unknown')} objective), "
+        f"EMA weights. Load it with `SelfFlowPipeline.from_pretrained(folder)` or sample from it with "
+        f'`selfflow generate --model FOLDER prompt="..." modality=NAME`.',
+        "",
+        "## Model",
+        "",
+        "| key | value |",
+        "|---|---|",
+    ]
+    for key in ("kind", "hidden_size", "num_heads", "depth_double", "depth_single", "depth", "context_dim"):
+        if key in model:
+            lines.append(f"| {key} | {model[key]} |")
+    lines += ["", "## Data", "", "| modality | items | autoencoder | patch | latent shape | tokens x width |"]
+    lines.append("|---|---|---|---|---|---|")
+    for name, entry in modalities.items():
+        adapter = entry["modality"]
+        lines.append(
+            f"| {name} | {data[name]['count']} | {adapter['autoencoder']} {adapter.get('path') or ''} | "
+            f"{adapter.get('patch')} | {entry['latent_shape']} | {entry['tokens']} x {entry['token_dim']} |"
+        )
+    if not modalities:
+        lines.append("| (in-memory synthetic latents: no decoder) | | | | | |")
+    text = config.get("text")
+    lines += ["", f"Text: {text['config']['kind'] if text else 'none'}.", ""]
+    if evaluation:
+        lines += [f"## Evaluation (step {evaluation.get('checkpoint', {}).get('step', '?')}, no guidance)", ""]
+        lines += ["| modality | metric | value |", "|---|---|---|"]
+        for name, result in (evaluation.get("modalities") or {}).items():
+            for metric, value in (result.get("metrics") or {}).items():
+                if isinstance(value, int | float):
+                    lines.append(f"| {name} | {metric} | {value:.4g} |")
+        lines.append("")
+    lines += ["## Training config", "", "```yaml", yaml.safe_dump(train_cfg, sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(lines)

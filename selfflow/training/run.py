@@ -201,6 +201,7 @@ def run(cfg: RunConfig, task: Task, callbacks: Sequence[Periodic] = ()) -> Path:
     status = "FAILED"
     try:
         job = setup(cfg, task, info, run_dir)
+        begin(job)
         loop(job, callbacks)
         status = "FINISHED"
     except KeyboardInterrupt:
@@ -239,23 +240,39 @@ def setup(cfg: RunConfig, task: Task, info: DistInfo, run_dir: Path) -> Run:
     job = Run(cfg, info, run_dir, engine, ema, task, TrainState())
     job.state = resume(job) if cfg.resume else start_over(job)
     fault_point("resume.after_load", job.state.step)
-    together("opening the data", lambda: task.open_data(info.rank, job.state.data_position))
-    if info.rank == 0:
-        save_config(cfg, run_dir / "config.yaml")
-    job.tracker = Tracker(cfg.tracking, run_dir, info.rank, run_id=job.state.run_id)
+    # The tracker starts here, so that anything failing from now on ends its MLflow run as FAILED.
+    link = run_dir / "mlflow_run.json"
+    recorded = read_link(link) if job.state.run_id is not None and info.rank == 0 else None
+    job.tracker = Tracker(cfg.tracking, run_dir, info.rank, run_id=job.state.run_id, recorded_uri=recorded)
     job.state.run_id = job.tracker.run_id
     if info.rank == 0 and job.tracker.run_id is not None:  # lets `selfflow report` attach files to this run
-        link = {"tracking_uri": job.tracker.uri, "run_id": job.state.run_id}
-        (run_dir / "mlflow_run.json").write_text(json.dumps(link))
-    job.tracker.log_params(cfg)
-    job.tracker.log_artifact(run_dir / "config.yaml")
+        atomic_write(link, json.dumps({"tracking_uri": job.tracker.uri, "run_id": job.state.run_id}))
     return job
+
+
+def read_link(path: Path) -> str | None:
+    """The tracking URI the run folder's MLflow run lives in, if the folder records one."""
+    try:
+        return str(json.loads(path.read_text())["tracking_uri"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def begin(job: Run) -> None:
+    """What comes after the tracker started: open the data, keep the config, log it."""
+    cfg, info = job.cfg, job.info
+    together("opening the data", lambda: job.task.open_data(info.rank, job.state.data_position))
+    if info.rank == 0:
+        save_config(cfg, job.run_dir / "config.yaml")
+    job.tracker.log_params(cfg)
+    job.tracker.log_artifact(job.run_dir / "config.yaml")
 
 
 def loop(job: Run, callbacks: Sequence[Periodic]) -> None:
     cfg, info, state = job.cfg, job.info, job.state
     models = Models(job.engine, job.ema, info.device)
     bar = tqdm(range(state.step, cfg.steps), initial=state.step, total=cfg.steps, disable=info.rank != 0)
+    window = LogWindow()
     for step in bar:
         start = time.perf_counter()
         metrics = optimizer_step(job, models, step)
@@ -268,13 +285,35 @@ def loop(job: Run, callbacks: Sequence[Periodic]) -> None:
             append_jsonl(job.run_dir / "metrics.jsonl", {"step": state.step, **metrics})
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", fm=f"{metrics['fm']:.4f}", rep=f"{metrics['rep']:.3f}")
         fault_point("step.after_metrics", state.step)
+        window.add(metrics)
         if state.step % cfg.log_every == 0:
-            job.tracker.log_metrics(metrics, state.step)
+            job.tracker.log_metrics(window.flush(), state.step)
         if state.step % cfg.save_every == 0 or state.step == cfg.steps:
             save(job)
         for callback in callbacks:
             if state.step % callback.every == 0 or state.step == cfg.steps:
                 together(f"{callback.name} at step {state.step}", lambda cb=callback: cb.fn(job, state.step))
+
+
+class LogWindow:
+    """What MLflow gets every `log_every` steps: each metric's mean over the steps of the window that
+    had it (a modality's loss appears on that modality's steps only; a skipped step's NaN is left out),
+    and the last value of the schedules and counters."""
+
+    LAST = ("lr", "skipped")
+
+    def __init__(self):
+        self.values: dict[str, list[float]] = {}
+
+    def add(self, metrics: dict) -> None:
+        for key, value in metrics.items():
+            if math.isfinite(value) or key in self.LAST:
+                self.values.setdefault(key, []).append(float(value))
+
+    def flush(self) -> dict[str, float]:
+        out = {k: v[-1] if k in self.LAST else sum(v) / len(v) for k, v in self.values.items() if v}
+        self.values = {}
+        return out
 
 
 # --------------------------------------------------------------------------------------------

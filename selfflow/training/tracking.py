@@ -13,10 +13,13 @@ through `warnings.warn` and turns the tracker into a no-op for the rest of the r
     tracker.log_artifact(run_dir / "config.yaml")
     tracker.close()
 
-With `tracking_uri=None` the run is kept inside the run folder: a SQLite store
-`<run_dir>/mlflow.db` with artifacts under `<run_dir>/mlartifacts`. MLflow 3.17 refuses the old
-`./mlruns` file store unless `MLFLOW_ALLOW_FILE_STORE=true`, so SQLite is the local default.
-Browse it with `mlflow ui --backend-store-uri sqlite:///<run_dir>/mlflow.db`.
+The store is `tracking.tracking_uri`, else `$MLFLOW_TRACKING_URI`, else the project's local store: a
+SQLite database `mlflow.db` with artifacts under `mlartifacts/` in the folder the job runs from, so
+every run of a project lands in one store (MLflow 3.17 refuses the old `./mlruns` file store unless
+`MLFLOW_ALLOW_FILE_STORE=true`, so SQLite is the local default). The experiment is
+`tracking.experiment`, else `$MLFLOW_EXPERIMENT_NAME`, else "selfflow". Runs are tagged with the
+command line, the entry point and the git commit of the selfflow checkout (and whether it had
+uncommitted changes). Browse the local store with `mlflow ui --backend-store-uri sqlite:///mlflow.db`.
 
 For an http(s) server, a dead server must cost seconds, not minutes: unless already set, this
 process gets MLFLOW_HTTP_REQUEST_MAX_RETRIES=0 and MLFLOW_HTTP_REQUEST_TIMEOUT=10 (seconds).
@@ -26,6 +29,9 @@ DO_NOT_TRACK=true) is in the environment; this module leaves that choice to the 
 
 import dataclasses
 import os
+import shlex
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -50,13 +56,51 @@ class TrackingWarning(UserWarning):
 @dataclass
 class TrackingConfig:
     enabled: bool = True
-    tracking_uri: str | None = None  # None: sqlite:///<run_dir>/mlflow.db, artifacts in <run_dir>/mlartifacts
-    experiment: str = "selfflow"
+    # None: $MLFLOW_TRACKING_URI if set, else the project's local store: sqlite:///<cwd>/mlflow.db with
+    # artifacts in <cwd>/mlartifacts, one store for every run started from that folder (`make demo` and
+    # `make compare` from the repository root), so runs can be compared in one `mlflow ui`
+    tracking_uri: str | None = None
+    experiment: str | None = None  # None: $MLFLOW_EXPERIMENT_NAME if set, else "selfflow"
     run_name: str | None = None  # None: the run folder's name
 
     def __post_init__(self):
-        if not self.experiment:
-            raise ValueError("experiment must be a non-empty name")
+        if self.experiment is not None and not self.experiment:
+            raise ValueError("experiment must be a non-empty name (or null for the default)")
+
+
+def resolved(cfg: TrackingConfig, recorded_uri: str | None = None) -> tuple[str, str, Path | None]:
+    """(tracking URI, experiment, the local store's folder or None for a server) as MLflow's own clients
+    would pick them: the config, then MLflow's environment variables, then (a resumed run) the store
+    the run folder recorded, then the project's local store in the current folder."""
+    uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or recorded_uri
+    experiment = cfg.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "selfflow"
+    if uri and uri.startswith("sqlite:///"):  # artifacts beside the database (MLflow's default: ./mlruns)
+        return uri, experiment, Path(uri.removeprefix("sqlite:///")).parent
+    if uri:
+        return uri, experiment, None
+    store = Path.cwd().resolve()
+    return f"sqlite:///{store / 'mlflow.db'}", experiment, store
+
+
+def source_tags(run_dir: Path) -> dict[str, str]:
+    """MLflow's source tags: the command line, the entry point, and the git commit of the selfflow checkout."""
+    tags = {
+        "selfflow.run_dir": str(run_dir),
+        "selfflow.command": shlex.join(sys.argv),
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.name": "selfflow " + (sys.argv[1] if len(sys.argv) > 1 else ""),
+    }
+    checkout = Path(__file__).resolve().parents[2]
+    git = {"cwd": checkout, "capture_output": True, "text": True, "timeout": 10}
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], **git)
+        dirty = subprocess.run(["git", "status", "--porcelain"], **git)
+    except (OSError, subprocess.SubprocessError):
+        return tags  # not a git checkout (an installed wheel) or no git: no commit to name
+    if head.returncode == 0:
+        tags["mlflow.source.git.commit"] = head.stdout.strip()
+        tags["selfflow.git.dirty"] = str(bool(dirty.stdout.strip())).lower()
+    return tags
 
 
 def flatten_config(obj: Any, prefix: str = "") -> dict[str, str]:
@@ -78,7 +122,16 @@ def flatten_config(obj: Any, prefix: str = "") -> dict[str, str]:
 class Tracker:
     """Rank 0 talks to MLflow; on other ranks every method is a no-op. Failures are warnings, never crashes."""
 
-    def __init__(self, cfg: TrackingConfig, run_dir: Path, rank: int = 0, run_id: str | None = None):
+    def __init__(
+        self,
+        cfg: TrackingConfig,
+        run_dir: Path,
+        rank: int = 0,
+        run_id: str | None = None,
+        recorded_uri: str | None = None,
+    ):
+        """`run_id`: the MLflow run to continue (a resumed run), found in `recorded_uri` (the store the run
+        folder recorded) unless the config or the environment names another store: then a new run starts."""
         self.run_id: str | None = None
         self.uri: str | None = None
         self._client = None
@@ -86,7 +139,12 @@ class Tracker:
         if rank != 0 or not cfg.enabled:
             return
         run_dir = Path(run_dir).resolve()
-        uri = self.uri = cfg.tracking_uri or f"sqlite:///{run_dir / 'mlflow.db'}"
+        uri, experiment, store = resolved(cfg, recorded_uri)
+        self.uri = uri
+        if run_id is not None and recorded_uri is not None and uri != recorded_uri:
+            message = f"this run's MLflow run {run_id} is in {recorded_uri}; a new run starts in {uri}"
+            warnings.warn(message, TrackingWarning, stacklevel=2)
+            run_id = None
         for name, value in HTTP_ENV_DEFAULTS.items():
             os.environ.setdefault(name, value)
         try:
@@ -97,21 +155,19 @@ class Tracker:
             if run_id is not None:
                 self._resume(run_id)
             else:
-                self._start(cfg, run_dir, local=cfg.tracking_uri is None)
+                self._start(cfg, experiment, run_dir, store)
         except Exception as err:
             self._disable(f"could not start tracking at {uri}", err)
 
-    def _start(self, cfg: TrackingConfig, run_dir: Path, local: bool) -> None:
-        experiment = self._client.get_experiment_by_name(cfg.experiment)
+    def _start(self, cfg: TrackingConfig, name: str, run_dir: Path, store: Path | None) -> None:
+        experiment = self._client.get_experiment_by_name(name)
         if experiment is not None:
             experiment_id = experiment.experiment_id
         else:
             # A server picks its own artifact root; a local store keeps artifacts beside the database.
-            location = (run_dir / "mlartifacts").as_uri() if local else None
-            experiment_id = self._client.create_experiment(cfg.experiment, artifact_location=location)
-        run = self._client.create_run(
-            experiment_id, run_name=cfg.run_name or run_dir.name, tags={"selfflow.run_dir": str(run_dir)}
-        )
+            location = (store / "mlartifacts").as_uri() if store is not None else None
+            experiment_id = self._client.create_experiment(name, artifact_location=location)
+        run = self._client.create_run(experiment_id, run_name=cfg.run_name or run_dir.name, tags=source_tags(run_dir))
         self.run_id = run.info.run_id
 
     def _resume(self, run_id: str) -> None:

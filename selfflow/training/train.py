@@ -16,6 +16,7 @@ by the weights-only unpickler before anything starts.
     torchrun --nproc-per-node 8 -m selfflow.cli train --config ...     # one node, 8 GPUs
 """
 
+import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -38,6 +39,7 @@ from selfflow.modalities.builder import build_modality, timestep_distribution
 from selfflow.training.latent_space import (
     REPA_MODALITIES,
     RepaTarget,
+    manifest_path,
     prepared_modality,
     raw_modality,
     repa_targets,
@@ -121,6 +123,7 @@ class TrainConfig(RunConfig):
         if isinstance(model, SiTConfig):
             check_sit_data(model, self.modalities)
         else:
+            take_data_dims(model, self.modalities)
             for name, mix in self.modalities.items():
                 dims = model.modalities.get(name)
                 if mix.shards is None and dims != [mix.data.channels] * 2:
@@ -131,6 +134,35 @@ class TrainConfig(RunConfig):
         warn_wide_tokens(model)
         if objective.method == "repa":
             check_repa_modalities(objective, self.modalities)
+
+
+def take_data_dims(model: MMDiTConfig, modalities: dict[str, MixConfig]) -> None:
+    """Read what the data decides from `selfflow prepare`'s manifest.json: each modality's token width
+    (`model.modalities.<name>`, replacing any value given) and the text setup (sentencepiece: `text_vocab`
+    and `text_max_length`; encoder features: `context_dim`), so nothing is copied by hand from prepare's
+    output. A shard folder without a manifest keeps the config's values (the job checks its data later).
+    The resolved values are what the run saves in its config.yaml."""
+    text = None
+    for name, mix in modalities.items():
+        path = manifest_path(mix.shards) if mix.shards else None
+        if path is None or not path.is_file():
+            continue
+        try:
+            manifest = json.loads(path.read_text())
+            width = (manifest.get("modalities", {}).get(name) or {}).get("token_dim")
+        except (ValueError, AttributeError) as err:
+            raise ValueError(f"{path}: not a `selfflow prepare` manifest ({err})") from err
+        if width:
+            model.modalities[name] = [int(width), int(width)]
+        text = text or manifest.get("text")
+    if not text or not model.context_dim:
+        return
+    if text.get("vocab_size"):  # sentencepiece ids, embedded by the trunk's learned token table
+        model.text_vocab = int(text["vocab_size"])
+        model.text_max_length = int(text["config"]["max_length"])
+    elif text.get("dim"):  # features of a text encoder (t5 / causal_lm)
+        model.context_dim = int(text["dim"])
+        model.text_vocab = 0
 
 
 class WideTokenWarning(UserWarning):
