@@ -76,7 +76,17 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The report test opens report.html in headless Chromium (Debian's `chromium` package), installed here
+# when missing and apt can (root, or passwordless sudo); without it that test fails and says so.
+CHROMIUM := $(shell command -v chromium || command -v chromium-browser)
+
 test: lint
+ifeq ($(CHROMIUM),)
+	-( [ "$$(id -u)" = 0 ] && apt-get install -y -qq --no-install-recommends chromium >/dev/null ) || \
+	  ( [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null ) || \
+	  sudo -n apt-get install -y -qq --no-install-recommends chromium >/dev/null || \
+	  echo "could not install chromium: tests/test_report_browser.py will fail"
+endif
 	$(BIN)/pytest
 
 clean:

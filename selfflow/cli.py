@@ -14,16 +14,24 @@ config next to its outputs.
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 
 from selfflow.config import ConfigError, config_keys, load_config
 
 
-def _keys_epilog(cls: type) -> str:
+def _keys_epilog(cls: type, verb: str) -> str:
+    """Every config key with its type, default and what its field's comment says."""
     rows = config_keys(cls)
-    width = max(len(k) for k, _, _ in rows)
+    width = max(len(k) for k, *_ in rows)
     lines = ["config keys (override with key=value):"]
-    lines += [f"  {k:<{width}}  {t:<22} default: {d!r}" for k, t, d in rows]
+    for key, kind, default, comment in rows:
+        lines.append(f"  {key:<{width}}  {kind:<22} default: {default!r}")
+        lines += [f"      {line}" for line in textwrap.wrap(comment, 96)]
+    scalars = [(k, d) for k, kind, d, _ in rows if kind in ("int", "str", "bool") and d not in ("", None, "(required)")]
+    key, value = next(((k, d) for k, d in scalars if isinstance(d, int)), scalars[0] if scalars else ("seed", 1))
+    example = f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+    lines += ["", f"example: selfflow {verb} --config PRESET.yaml {example}"]
     return "\n".join(lines)
 
 
@@ -183,7 +191,7 @@ def build_parser(selected: str | None) -> argparse.ArgumentParser:
             job,
             help=help_text,
             description=description,
-            epilog=_keys_epilog(_job_config(job)) if job == selected else None,
+            epilog=_keys_epilog(_job_config(job), job) if job == selected else None,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         _add_job_arguments(job_parser)
@@ -201,7 +209,7 @@ def build_parser(selected: str | None) -> argparse.ArgumentParser:
             job,
             help=help_text,
             description=description,
-            epilog=_keys_epilog(_job_config(f"robotics {job}")) if selected == f"robotics {job}" else None,
+            epilog=_keys_epilog(_job_config(name), name) if selected == (name := f"robotics {job}") else None,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         _add_job_arguments(job_parser)

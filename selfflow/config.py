@@ -14,6 +14,9 @@ from its own defaults, other keys of the section fill it.
 """
 
 import dataclasses
+import difflib
+import inspect
+import re
 import types
 import typing
 from pathlib import Path
@@ -62,10 +65,33 @@ def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
 
-def config_keys(cls: type, prefix: str = "", base: Any = None) -> list[tuple[str, str, Any]]:
-    """Flattened `(key, type, default)` rows of a config class, for `--help` texts."""
+def field_comments(cls: type) -> dict[str, str]:
+    """What the source says of each field of a dataclass: its trailing `# ...` comment, or the comment
+    lines right above it (the convention of every config class here)."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    comments, above = {}, []
+    for line in lines[1:]:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# ").rstrip())
+            continue
+        match = re.match(r"(\w+)\s*:", stripped)
+        if match and match.group(1) in names:
+            trailing = stripped.split("  # ", 1)[1].strip() if "  # " in stripped else ""
+            comments[match.group(1)] = " ".join([*above, trailing]).strip()
+        above = []
+    return comments
+
+
+def config_keys(cls: type, prefix: str = "", base: Any = None) -> list[tuple[str, str, Any, str]]:
+    """Flattened `(key, type, default, comment)` rows of a config class, for `--help` texts."""
     rows = []
     hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
         default = getattr(base, f.name) if base is not None else _field_default(f)
@@ -80,7 +106,8 @@ def config_keys(cls: type, prefix: str = "", base: Any = None) -> list[tuple[str
                 rows += config_keys(entry_cls, f"{prefix}{f.name}.{name}.", entry)
         else:
             is_required = base is None and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            rows.append((prefix + f.name, _type_name(hint), "(required)" if is_required else default))
+            default = "(required)" if is_required else default
+            rows.append((prefix + f.name, _type_name(hint), default, comments.get(f.name, "")))
     return rows
 
 
@@ -102,7 +129,9 @@ def _build(cls: type[T], data: Any, prefix: str, source: str, base: Any = None) 
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{source}: unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+        close = difflib.get_close_matches(unknown[0], names, n=1, cutoff=0.6)
+        hint = f"did you mean {prefix}{close[0]}? " if close else ""
+        raise ConfigError(f"{source}: unknown key {prefix}{unknown[0]} ({hint}known: {', '.join(sorted(names))})")
     kwargs = {}
     for f in dataclasses.fields(cls):
         hint, key = hints[f.name], prefix + f.name

@@ -88,7 +88,7 @@ def test_generate_writes_the_prompted_image_with_its_settings_and_is_reproducibl
     assert np.array_equal(to_uint8(media)[0], pixels)  # the library call and the command agree
 
 
-def test_bad_requests_are_named(model_folder, tmp_path):
+def test_bad_requests_are_named(model_folder, tmp_path, capsys):
     pipe = SelfFlowPipeline.from_pretrained(model_folder["folder"])
     with pytest.raises(ValueError, match="this model reads at most"):
         pipe("a " + "red " * 70 + "picture", "image")  # 72 words, the model reads 64 tokens
@@ -97,3 +97,22 @@ def test_bad_requests_are_named(model_folder, tmp_path):
     with pytest.raises(FileNotFoundError, match="is .* a folder written by `selfflow export`"):
         SelfFlowPipeline.from_pretrained(tmp_path)
     assert main(["generate", "model=", "prompt=x"]) == 2
+    missing = tmp_path / "ema.safetensors"
+    assert main(["eval", f"checkpoint={missing}", f"eval.data={model_folder['latents']}"]) == 2
+    assert f"write one with `selfflow export --run RUN_DIR --out {missing}`" in capsys.readouterr().err
+
+
+def test_eval_and_report_on_your_own_data_skip_the_built_in_metrics(model_folder):
+    run, latents = model_folder["run"], model_folder["latents"]
+    out = run / "evals" / "final"
+    evaluate = ["eval", f"checkpoint={run}", f"eval.data={latents}", "eval.modalities=[image]", f"out_dir={out}"]
+    assert main([*evaluate, "eval.num_samples=4", "eval.sampler.num_steps=2", "device=cpu"]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    # no ground truth to check captions against, no built-in feature net of your data
+    assert "fd_builtin" not in result["metrics"]["image"] and "caption_accuracy" not in result["metrics"]["image"]
+    assert not (model_folder["root"] / "data").exists()
+    assert result["media"]["image"]["real"]["files"] == ["samples/real_image_grid.png"]  # beside the samples
+    assert (out / "samples" / "real_image_grid.png").is_file() and (out / "samples" / "image_grid.png").is_file()
+    report = run / "report"
+    assert main(["report", f"runs=[{run}]", f"out_dir={report}", "mlflow=false"]) == 0
+    assert (report / "report.html").is_file()

@@ -63,7 +63,7 @@ def test_model_kind_selects_the_trunk_and_its_keys():
     assert (sit.objective.student_layer, sit.objective.teacher_layer) == (8, 20)  # null -> 8/28, 20/28 of 28
     mmdit = load_config(TrainConfig, None)
     assert (mmdit.objective.student_layer, mmdit.objective.teacher_layer) == (6, 15)  # of 21 blocks
-    epilog = _keys_epilog(PretrainConfig)
+    epilog = _keys_epilog(PretrainConfig, "train")
     assert "model.kind" in epilog and "model.compatibility_mode" in epilog and "model.axes_dim" in epilog
 
 

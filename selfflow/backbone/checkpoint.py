@@ -144,7 +144,10 @@ def load_export(path: str | Path) -> tuple[MMDiT | SiT, dict[str, str]]:
     MMDiT's head had biases (zeroed, which is exactly the old bias-free head).
     """
     if not Path(path).is_file():
-        raise FileNotFoundError(f"export not found: {path}")
+        raise FileNotFoundError(
+            f"export not found: {path} (write one with `selfflow export --run RUN_DIR --out {path}`, "
+            "or give the run folder itself: checkpoint=RUN_DIR exports its newest checkpoint first)"
+        )
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

@@ -21,12 +21,15 @@ import glob
 import io
 import json
 import random
+import shlex
+import urllib.request
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import braceexpand
 import torch
 import webdataset as wds
 
@@ -73,12 +76,52 @@ class SkipCounter:
         return sample
 
 
+REMOTE = ("http://", "https://")
+# A shard fetched over HTTP: a few retries, then the shard fails (skipped and counted by the stream's
+# handler), never a hang: a transfer slower than 1 KiB/s for 60 s is abandoned (webdataset's own curl
+# call retries for minutes and has no stall limit). Values unknown in any reference, chosen so.
+CURL = (
+    "curl --fail --silent --show-error --location --connect-timeout 10 --retry 3 --retry-delay 1 "
+    "--speed-limit 1024 --speed-time 60"
+)
+
+
 def shard_list(pattern: str) -> list[str]:
+    """The shards of `pattern` as webdataset opens them: a local folder (its *.tar), a glob, a brace
+    pattern (`shard-{000000..000999}.tar`), a `pipe:` command, or http(s) URLs (fetched with `CURL`)."""
+    if pattern.startswith(("pipe:", *REMOTE)):
+        urls = list(braceexpand.braceexpand(pattern))
+        return [f"pipe:{CURL} {shlex.quote(url)}" if url.startswith(REMOTE) else url for url in urls]
     path = Path(pattern)
-    urls = sorted(glob.glob(str(path / "*.tar"))) if path.is_dir() else sorted(glob.glob(pattern))
+    if path.is_dir():
+        urls = sorted(glob.glob(str(path / "*.tar")))
+    else:
+        urls = sorted({url for part in braceexpand.braceexpand(pattern) for url in glob.glob(part)})
     if not urls:
         raise FileNotFoundError(f"no latent shards (*.tar) found at {pattern}")
     return urls
+
+
+def read_manifest(shards: str) -> tuple[str, dict] | None:
+    """(where, content) of the `manifest.json` of `selfflow prepare` that holds the shard folder, glob,
+    brace pattern or URL pattern `shards` (it sits beside the modality folders); None if there is none."""
+    if shards.startswith(REMOTE):
+        base = shards.split("{")[0].rsplit("/", 2)[0]  # .../latents/image/latent-{...}.tar -> .../latents
+        url = f"{base}/manifest.json"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return url, json.loads(response.read())
+        except (OSError, ValueError):
+            return None
+    path = Path(shards)
+    folder = path if path.is_dir() else path.parent
+    manifest = folder.parent / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        return str(manifest), json.loads(manifest.read_text())
+    except ValueError as err:
+        raise ValueError(f"{manifest}: not a `selfflow prepare` manifest ({err})") from err
 
 
 def decode_sample(sample: dict) -> dict:

@@ -30,17 +30,19 @@ import csv
 import io
 import json
 import math
+import multiprocessing as mp
 import warnings
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 from webdataset import TarWriter
 
 from selfflow.data.raw import MEDIA_EXTENSIONS
+from selfflow.progress import progress
 
 EXTENSION_MODALITY = {ext: modality for modality, exts in MEDIA_EXTENSIONS.items() for ext in exts}
 MAX_EXAMPLES = 10  # paths kept per skip reason in summary.json
@@ -108,8 +110,11 @@ def pack(cfg: PackConfig) -> dict:
     counts: dict[str, dict] = defaultdict(lambda: {"written": 0, "resized": 0, "cut": 0, "shards": 0})
     writers: dict[str, TarWriter] = {}
     try:
-        with ProcessPoolExecutor(cfg.workers) as pool, tqdm(total=len(entries), desc="pack", unit="file") as bar:
-            results = pool.map(encode_entry, [cfg] * len(entries), entries, chunksize=8)
+        # forkserver: a process that already runs torch / DeepSpeed threads must not be forked
+        pool = ProcessPoolExecutor(cfg.workers, mp.get_context("forkserver")) if cfg.workers > 1 else None
+        with pool or nullcontext(), progress(total=len(entries), desc="pack", unit="file") as bar:
+            mapper = pool.map if pool else map
+            results = mapper(encode_entry, [cfg] * len(entries), entries, **({"chunksize": 8} if pool else {}))
             for entry, result in zip(entries, results, strict=True):
                 bar.update(1)
                 if isinstance(result, str):

@@ -47,6 +47,7 @@ from selfflow.data.raw import ShardError, read_shard
 from selfflow.modalities.audio import compute_latent_stats, save_latent_stats
 from selfflow.modalities.builder import ModalityConfig
 from selfflow.modalities.text import SENTENCEPIECE_TYPES, SentencePieceTokenizer, TextConfig, train_sentencepiece
+from selfflow.progress import progress
 
 MAX_EXAMPLES = 10  # keys kept (and printed) per skip reason
 
@@ -116,11 +117,11 @@ def prepare(cfg: PrepareConfig) -> dict:
         for stale in [*(out / key).glob("latent-*.tar"), *(out / key).glob("latent-*.tar.tmp")]:
             stale.unlink()  # a previous run with more shards must not leave extra ones behind
     modalities = dict(cfg.modalities)
-    with worker_pool(cfg) as (pool, progress):
+    with worker_pool(cfg) as (pool, messages):
         for key, mcfg in modalities.items():
             if mcfg.autoencoder == "oobleck" and mcfg.stats is None:
                 tasks = [ShardTask(key, mcfg, str(src), None) for src in sources[key]]
-                results = run_tasks(pool, progress, tasks, counts[key], f"{key} latent stats")
+                results = run_tasks(pool, messages, tasks, counts[key], f"{key} latent stats")
                 stats = compute_latent_stats(chunk[None] for r in results for chunk in r.latents)
                 save_latent_stats(stats, out / key / "latent_stats.json")
                 modalities[key] = replace(mcfg, stats=str(out / key / "latent_stats.json"))
@@ -129,7 +130,7 @@ def prepare(cfg: PrepareConfig) -> dict:
             for key in sources
             for i, src in enumerate(sources[key])
         ]
-        results = run_tasks(pool, progress, tasks, sum(counts.values()), "prepare")
+        results = run_tasks(pool, messages, tasks, sum(counts.values()), "prepare")
     by_key = {key: [r for r in results if r.task.key == key] for key in sources}
     summary = summarize(cfg, by_key, time.monotonic() - start)
     resolved = replace(cfg, modalities=modalities)
@@ -153,7 +154,7 @@ def scan_shards(sources: dict[str, list[Path]], want_captions: bool) -> tuple[di
     counts, captions = defaultdict(int), []
     wanted = {"txt"} if want_captions else set()
     for key, urls in sources.items():
-        for url in tqdm(urls, desc=f"scan {key}", unit="shard", leave=False):
+        for url in progress(urls, desc=f"scan {key}", unit="shard", leave=False):
             try:
                 for sample in read_shard(url, wanted):
                     counts[key] += 1
@@ -181,36 +182,36 @@ def worker_pool(cfg: PrepareConfig):
     """A process pool whose workers import torch and the adapters once (forkserver preload) and a progress queue."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["selfflow.data.prepare_worker"])
-    progress, counter = ctx.Queue(), ctx.Value("i", 0)
+    messages, counter = ctx.Queue(), ctx.Value("i", 0)
     threads = max(1, (os.cpu_count() or 1) // cfg.workers)
     setup = WorkerSetup(cfg.text, cfg.dtype, cfg.batch_size, cfg.device, threads)
-    pool = ProcessPoolExecutor(cfg.workers, ctx, initializer=init_worker, initargs=(setup, progress, counter))
+    pool = ProcessPoolExecutor(cfg.workers, ctx, initializer=init_worker, initargs=(setup, messages, counter))
     try:
-        yield pool, progress
+        yield pool, messages
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def run_tasks(pool, progress, tasks: list[ShardTask], total: int, desc: str) -> list[ShardResult]:
+def run_tasks(pool, messages, tasks: list[ShardTask], total: int, desc: str) -> list[ShardResult]:
     """Run shard tasks on the pool with a progress bar over samples; a worker's exception stops the run."""
     futures = [pool.submit(encode_shard, task) for task in tasks]
     shown: dict[str, int] = defaultdict(int)
-    with tqdm(total=total, desc=desc, unit="sample") as bar:
+    with progress(total=total, desc=desc, unit="sample") as bar:
         pending = futures
         while pending:
             done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
-            drain(progress, bar, shown)
+            drain(messages, bar, shown)
             for future in done:
                 future.result()  # re-raises a worker's exception
-        drain(progress, bar, shown, wait_s=0.1)  # the last messages may trail the results
+        drain(messages, bar, shown, wait_s=0.1)  # the last messages may trail the results
     return [future.result() for future in futures]
 
 
-def drain(progress, bar: tqdm, shown: dict[str, int], wait_s: float = 0.0) -> None:
+def drain(messages, bar: tqdm, shown: dict[str, int], wait_s: float = 0.0) -> None:
     """Apply queued worker messages `(samples done, skip reason, detail)` to the bar; print the first skips."""
     while True:
         try:
-            done, reason, detail = progress.get(timeout=wait_s) if wait_s else progress.get_nowait()
+            done, reason, detail = messages.get(timeout=wait_s) if wait_s else messages.get_nowait()
         except queue_lib.Empty:
             return
         bar.update(done)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from webdataset import TarWriter
 
 from selfflow.data import synth_audio, synth_visual
+from selfflow.progress import progress
 
 MODALITY_IDS = {"image": 0, "video": 1, "audio": 2}  # part of every item's seed: never renumber
 
@@ -145,7 +146,7 @@ def synth(cfg: SynthConfig) -> dict:
     video_codec = synth_visual.pick_video_codec()
     counts = cfg.counts()
     manifest = {"config": dataclasses.asdict(cfg), "video_codec": video_codec, "modalities": {}}
-    with tqdm(total=sum(counts.values()), desc="synth", unit="item") as bar:
+    with progress(total=sum(counts.values()), desc="synth", unit="item") as bar:
         for modality, count in counts.items():
             bar.set_postfix_str(modality)
             shards = write_shards(cfg, modality, video_codec, bar)

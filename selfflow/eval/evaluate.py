@@ -55,6 +55,7 @@ from selfflow.eval.builtin_features import load_feature_net, train_feature_net
 from selfflow.eval.generate import EvalSet, data_modality, decode, generate, read_eval_set
 from selfflow.eval.metrics import FeatureStats
 from selfflow.eval.probe import linear_probes
+from selfflow.files import file_sha256
 from selfflow.flow.samplers import SamplerConfig
 
 MODALITIES = ("image", "video", "audio")
@@ -121,6 +122,7 @@ def run_eval(cfg: EvalJobConfig) -> Path:
     save_config(cfg, out / "config.yaml")
     step = int(meta.get("step", -1))
     checkpoint = {"path": cfg.checkpoint, "step": step, "weights": meta.get("weights")}
+    checkpoint["sha256"] = file_sha256(cfg.checkpoint)
     return write_eval(evaluate(model.to(device), cfg.eval, out, step), checkpoint, out)
 
 
@@ -144,7 +146,8 @@ def evaluate(model: MMDiT, cfg: EvalConfig, out: Path, step: int) -> dict:
         reference = {}  # the real items' statistics, computed by the first set and reused by the second
         fake = decode(modality, generate(model.eval(), items, cfg.sampler, cfg.seed, cfg.batch_size), items)
         metrics, weights = score(name, fake, real, items, cfg, rate, reference)
-        metrics["caption_accuracy_real"] = reference["caption_accuracy_real"]
+        if "caption_accuracy_real" in reference:
+            metrics["caption_accuracy_real"] = reference["caption_accuracy_real"]
         result["media"][name] = save_samples(name, fake, items, out / "samples", cfg)
         result["media"][name][REAL] = save_samples(name, real, items, out / "samples", cfg, prefix="real_")
         if cfg.guided_cfg:
@@ -207,18 +210,8 @@ def score(
     holds the real items' built-in and I3D statistics and caption score, filled on first use, so a
     second set of samples of the same items does not recompute them."""
     metrics, weights = {}, {}
-    net = builtin_net(name, cfg)
-    weights[f"builtin_{name}"] = net.sha256
-    with torch.no_grad():
-        if "builtin" not in reference:
-            reference["builtin"] = FeatureStats(net.cfg.feature_dim).update(batched(net.features, real))
-        fake_stats = FeatureStats(net.cfg.feature_dim).update(batched(net.features, fake))
-    metrics["fd_builtin"] = reference["builtin"].frechet_distance(fake_stats)
-    attrs = [{**a, "sample_rate": sample_rate} if sample_rate else a for a in items.attributes]
-    metrics["caption_accuracy"] = captions.caption_accuracy(name, zip(scorable(name, fake), attrs, strict=True))
-    if "caption_accuracy_real" not in reference:
-        real_items = zip(scorable(name, real), attrs, strict=True)
-        reference["caption_accuracy_real"] = captions.caption_accuracy(name, real_items)
+    if is_builtin(items):
+        builtin_metrics(name, fake, real, items, cfg, sample_rate, reference, metrics, weights)
     if name == "video" and cfg.fvd:
         from selfflow.eval.i3d import WEIGHTS_SHA256
 
@@ -242,6 +235,31 @@ def score(
 
         metrics["fad"] = clap_distance(cfg.clap, real, fake, sample_rate, weights)
     return metrics, weights
+
+
+BUILTIN_KEYS = frozenset({"modality", "seed", "index"})  # what `selfflow synth` stores with every item
+
+
+def is_builtin(items: EvalSet) -> bool:
+    """Items of the built-in dataset carry the ground truth the built-in metrics check (your own data,
+    packed by `selfflow pack`, does not: it gets the standard metrics whose weights are given)."""
+    return all(a.keys() >= BUILTIN_KEYS and "source" not in a for a in items.attributes)
+
+
+def builtin_metrics(name, fake, real, items: EvalSet, cfg: EvalConfig, sample_rate, reference, metrics, weights):
+    """Built-in FD and caption-following accuracy (real items' score computed once, into `reference`)."""
+    net = builtin_net(name, cfg)
+    weights[f"builtin_{name}"] = net.sha256
+    with torch.no_grad():
+        if "builtin" not in reference:
+            reference["builtin"] = FeatureStats(net.cfg.feature_dim).update(batched(net.features, real))
+        fake_stats = FeatureStats(net.cfg.feature_dim).update(batched(net.features, fake))
+    metrics["fd_builtin"] = reference["builtin"].frechet_distance(fake_stats)
+    attrs = [{**a, "sample_rate": sample_rate} if sample_rate else a for a in items.attributes]
+    metrics["caption_accuracy"] = captions.caption_accuracy(name, zip(scorable(name, fake), attrs, strict=True))
+    if "caption_accuracy_real" not in reference:
+        real_items = zip(scorable(name, real), attrs, strict=True)
+        reference["caption_accuracy_real"] = captions.caption_accuracy(name, real_items)
 
 
 def builtin_net(name: str, cfg: EvalConfig):

@@ -22,6 +22,7 @@ per metric naming the differences between methods that exceed twice the pooled s
         out_dir=runs/cmp/report
 """
 
+import base64
 import html
 import json
 import shutil
@@ -94,13 +95,26 @@ def load_run(path: str | Path) -> Run:
     return Run(name, folder, losses, evals, robot, group, seed)
 
 
+def distinct_names(runs: list[Run]) -> None:
+    """Runs whose folders share a name (`a/demo`, `b/demo`) are named by as many parent folders as it
+    takes to tell them apart (`a_demo`, `b_demo`): names label table rows and prefix copied media."""
+    depth = 1
+    while len({r.name for r in runs}) < len(runs) and depth < max(len(r.folder.resolve().parts) for r in runs):
+        depth += 1
+        names = [r.name for r in runs]
+        for run in runs:
+            if names.count(run.name) > 1:
+                run.name = "_".join(run.folder.resolve().parts[-depth:]).lstrip("/_")
+                if run.seed is None:
+                    run.group = run.name
+    if len({r.name for r in runs}) < len(runs):
+        raise ValueError(f"report: the same folder is given twice: {sorted(str(r.folder) for r in runs)}")
+
+
 def write_report(cfg: ReportConfig) -> Path:
     """Write report.html and report.md into `cfg.out_dir`; returns the HTML path."""
     runs = [load_run(r) for r in cfg.runs]
-    names = [r.name for r in runs]
-    if len(set(names)) < len(names):  # names prefix the copied media and label table rows
-        twice = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"report: runs must have distinct folder names (or seeds), got {twice} more than once")
+    distinct_names(runs)
     out = Path(cfg.out_dir)
     (out / "media").mkdir(parents=True, exist_ok=True)
     groups = group(runs)
@@ -116,7 +130,7 @@ def write_report(cfg: ReportConfig) -> Path:
     if robot:
         sections.append(Section("robot tasks (success rate)", [], [robot_table(robot)], []))
     html_path = out / "report.html"
-    html_path.write_text(render_html(cfg.title, runs, sections))
+    html_path.write_text(render_html(cfg.title, runs, sections, out))
     (out / "report.md").write_text(render_markdown(cfg.title, runs, sections))
     if cfg.mlflow:
         for run in runs:
@@ -145,7 +159,7 @@ def seeds_notes(groups: dict[str, list[Run]]) -> list[str]:
 
 def modality_section(modality: str, latest, seeded: bool, runs: list[Run], out: Path) -> Section:
     """A modality's tables (per set of samples: summary over seeds, then per run), notes, plots, samples."""
-    tables, notes, samples = [], [], []
+    tables, notes, samples = [protocol_table(latest)], [], []
     shown = {id(members[0]) for members in group([r for r, _ in latest]).values()}  # each method's first seed
     for guided in (False, True):
         rows = [(r, result, set_metrics(result, modality, guided)) for r, (_, result) in latest]
@@ -153,11 +167,12 @@ def modality_section(modality: str, latest, seeded: bool, runs: list[Run], out: 
         if not rows:
             continue
         label = " / ".join(dict.fromkeys(set_name(result, guided) for _, result, _ in rows))
+        checked = [row for row in rows if "caption_accuracy" in row[2]]  # the built-in data's ground truth
         if seeded:
             header, body, spreads = summary_table(rows, label)
-            tables += [(header, body), attribute_summary_table(rows, label)]
+            tables += [(header, body)] + ([attribute_summary_table(checked, label)] if checked else [])
             notes += [f"{label}: " + verdict(key, by_group, fmt) for key, by_group in spreads.items()]
-        tables += [metric_table(rows, label), attribute_table(rows, label)]
+        tables += [metric_table(rows, label)] + ([attribute_table(checked, label)] if checked else [])
         if not guided:
             notes += probe_notes(rows)
         for r, (folder, result) in latest:
@@ -193,6 +208,35 @@ def headline(metrics: dict) -> dict[str, float]:
     probes = sorted((k for k in values if k.startswith(PROBE_LEVEL)), key=lambda k: float(k[len(PROBE_LEVEL) :]))
     order = [*HEADLINE[:4], *probes, *HEADLINE[4:], *sorted(values)]
     return {k: values[k] for k in dict.fromkeys(order) if k in values and k != "seconds"}
+
+
+def protocol_table(latest) -> tuple[list[str], list[list[str]]]:
+    """How each run's latest evaluation was made: sampler, steps, guidance, N, seed, checkpoint step,
+    and the sha256 of every network the metrics used."""
+    header = ["run (evaluation protocol)", "checkpoint step", "weights sha256", "sampler", "steps", "reported set"]
+    header += ["guided set"]
+    header += ["N", "seed", "networks (sha256)"]
+    body = []
+    for r, (_, result) in latest:
+        protocol, checkpoint = result.get("protocol", {}), result.get("checkpoint", {})
+        sampler = protocol.get("sampler", {})
+        guided = protocol.get("guided_cfg") or 0
+        networks = ", ".join(f"{k} {v[:12]}" for k, v in sorted(result.get("weights_sha256", {}).items()))
+        body.append(
+            [
+                r.name,
+                str(checkpoint.get("step", result.get("step", "?"))),
+                str(checkpoint.get("sha256", "-"))[:12],
+                str(sampler.get("kind", "?")),
+                str(sampler.get("num_steps", "?")),
+                set_label(sampler.get("cfg_scale", 1.0)),
+                set_label(guided) if guided else "-",
+                str(protocol.get("num_samples", "?")),
+                str(protocol.get("seed", "?")),
+                networks or "-",
+            ]
+        )
+    return header, body
 
 
 def metric_table(rows, label: str) -> tuple[list[str], list[list[str]]]:
@@ -283,26 +327,37 @@ def fmt(value) -> str:
 # ---------------------------------------------------------------- plots
 
 
+LOSS_PANELS = (  # (metrics.jsonl key, title, y scale)
+    ("fm", "flow-matching loss", "log"),  # positive, falls over orders of magnitude
+    ("rep", "representation term", "linear"),  # -cosine under Self-Flow / REPA: negative
+    ("loss", "total loss", "linear"),  # fm + gamma * rep: goes negative under Self-Flow
+)
+
+
 def plot_losses(runs: list[Run], out: Path) -> str:
-    """Training loss (smoothed) and the learning-rate schedule, side by side."""
-    fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(11, 3.5), gridspec_kw={"width_ratios": [3, 2]})
-    positive = True
+    """Each loss term on a scale that fits it (flow matching on a log axis; the representation term and
+    the total, negative under Self-Flow, on linear ones), smoothed, and the learning-rate schedule."""
+    panels = [(k, t, scale) for k, t, scale in LOSS_PANELS if any(k in row for r in runs for row in r.losses)]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 3.4), squeeze=False)
     colours = {name: f"C{i % 10}" for i, name in enumerate(group(runs))}  # one colour per method, all its seeds
     labelled = set()
     for run in runs:
-        steps = [row["step"] for row in run.losses if row.get("loss") == row.get("loss")]  # drop NaN (skipped)
-        losses = [row["loss"] for row in run.losses if row.get("loss") == row.get("loss")]
-        positive &= all(v > 0 for v in losses)
         label = None if run.group in labelled else (run.group if run.seed is not None else run.name)
         labelled.add(run.group)
-        ax.plot(steps, smooth(losses), label=label, color=colours[run.group], alpha=0.8)
+        for ax, (key, _, _) in zip(axes[0], panels, strict=False):
+            rows = [row for row in run.losses if key in row and row[key] == row[key]]  # drop NaN (skipped steps)
+            if rows:
+                values = smooth([row[key] for row in rows])
+                ax.plot([row["step"] for row in rows], values, label=label, color=colours[run.group], alpha=0.8)
         rates = [(row["step"], row["lr"]) for row in run.losses if "lr" in row]
         if rates:
-            ax_lr.plot(*zip(*rates, strict=True), label=label, color=colours[run.group])
-    # Self-Flow's loss goes below 0 (the -cosine term): a log axis only when every value is positive
-    ax.set(xlabel="step", ylabel="loss (smoothed)", yscale="log" if positive else "linear", title="training loss")
-    ax.legend()
-    ax_lr.set(xlabel="step", ylabel="learning rate", title="learning-rate schedule")
+            axes[0][-1].plot(*zip(*rates, strict=True), label=label, color=colours[run.group])
+    for ax, (key, title, scale) in zip(axes[0], panels, strict=False):
+        lines = [y for line in ax.get_lines() for y in line.get_ydata()]
+        fits = scale == "linear" or (lines and min(lines) > 0)  # a log axis only holds positive values
+        ax.set(xlabel="step", ylabel=f"{key} (smoothed)", title=title, yscale=scale if fits else "linear")
+    axes[0][0].legend()
+    axes[0][-1].set(xlabel="step", ylabel="learning rate", title="learning-rate schedule")
     return save_figure(fig, out / "media" / "loss.png")
 
 
@@ -357,10 +412,24 @@ def copy_samples(modality: str, run: Run, folder: Path, result: dict, out: Path,
     return {"run": f"{run.name}, {label}", "files": files, "captions": saved["captions"]}
 
 
-def media_html(path: str) -> str:
+MIME = {".png": "image/png", ".gif": "image/gif", ".wav": "audio/wav", ".mp4": "video/mp4"}
+EMBED_LIMIT = 8 * 2**20  # bytes; larger files stay links beside the report
+
+
+def source(path: str, out: Path | None) -> str:
+    """The `src` of a media file: its bytes as a data URI, so the page is whole wherever it is shown
+    (MLflow's artifact viewer renders HTML without its neighbouring files), or the relative path."""
+    file = out / path if out is not None else None
+    if file is None or not file.is_file() or file.stat().st_size > EMBED_LIMIT:
+        return path
+    mime = MIME.get(file.suffix, "application/octet-stream")
+    return f"data:{mime};base64,{base64.b64encode(file.read_bytes()).decode()}"
+
+
+def media_html(path: str, out: Path | None = None) -> str:
     if path.endswith(".wav"):
-        return f'<audio controls src="{path}"></audio>'
-    return f'<img src="{path}" style="image-rendering: pixelated">'
+        return f'<audio controls src="{source(path, out)}"></audio>'
+    return f'<img src="{source(path, out)}" alt="{html.escape(path)}" style="image-rendering: pixelated">'
 
 
 def table_html(header: list[str], rows: list[list[str]]) -> str:
@@ -369,7 +438,7 @@ def table_html(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def render_html(title: str, runs: list[Run], sections: list[Section]) -> str:
+def render_html(title: str, runs: list[Run], sections: list[Section], out: Path | None = None) -> str:
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
@@ -382,16 +451,18 @@ def render_html(title: str, runs: list[Run], sections: list[Section]) -> str:
         parts += [table_html(*t) for t in section.tables]
         if section.notes:
             parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in section.notes) + "</ul>")
-        parts += [f'<img src="{p}">' for p in section.plots]
+        parts += [f'<img src="{source(p, out)}" alt="{html.escape(p)}">' for p in section.plots]
         for block in section.samples:
             parts.append(f"<h3>samples: {html.escape(block['run'])}</h3>")
             if len(block["files"]) == 1 and len(block["captions"]) > 1:  # one grid for many captions
-                parts.append(media_html(block["files"][0]))
+                parts.append(media_html(block["files"][0], out))
                 parts.append("<ol start='0'>" + "".join(f"<li>{html.escape(c)}</li>" for c in block["captions"]))
                 parts.append("</ol>")
             else:
                 for path, caption in zip(block["files"], block["captions"], strict=False):
-                    parts.append(f"<figure>{media_html(path)}<figcaption>{html.escape(caption)}</figcaption></figure>")
+                    parts.append(
+                        f"<figure>{media_html(path, out)}<figcaption>{html.escape(caption)}</figcaption></figure>"
+                    )
     return "\n".join(parts + ["</body></html>"])
 
 

@@ -29,6 +29,7 @@ from selfflow.config import save_config
 from selfflow.eval.media import to_uint8
 from selfflow.flow.samplers import PerSampleNoise, SamplerConfig, sample
 from selfflow.modalities.grid import patchify, unpatchify
+from selfflow.progress import progress
 
 
 @dataclass
@@ -152,7 +153,7 @@ def run_sample(cfg: SampleConfig) -> Path:
 
     mine = list(range(rank, cfg.num_samples, world))
     batches = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
-    for indices in tqdm(batches, desc=f"sampling (rank {rank})", disable=rank != 0):
+    for indices in progress(batches, desc=f"sampling (rank {rank})", disable=rank != 0):
         for i, image in zip(indices, sample_batch(model, vae, cfg, indices, device), strict=True):
             Image.fromarray(image).save(png_dir / f"{i:06d}.png")
 

@@ -44,9 +44,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 from webdataset import TarWriter
 
+from selfflow.progress import progress
 from selfflow.robotics.rt1 import CorruptRecordError, Episode, MalformedEpisodeError, parse_episode, read_tfrecord
 
 ACTION_NAMES = (  # the 7 columns of actions.npy (TFDS fractal20220817_data action descriptions)
@@ -255,7 +255,7 @@ def convert(cfg: ConvertConfig) -> dict:
     kept_actions: list[np.ndarray] = []
     episodes_read = clips = 0
     sink = ShardSink(out, cfg.samples_per_shard)
-    with tqdm(desc="rt1 convert", unit="episode") as bar:
+    with progress(desc="rt1 convert", unit="episode") as bar:
         for path in files:
             if cfg.max_episodes is not None and len(kept_actions) >= cfg.max_episodes:
                 break

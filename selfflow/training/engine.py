@@ -28,10 +28,12 @@ leave the others waiting in DeepSpeed's barrier), and the run loop decides on th
 """
 
 import copy
+import functools
 import math
 import os
 import pickle
 import socket
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -39,14 +41,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
-from deepspeed.runtime.fp16.loss_scaler import LossScaler
-from deepspeed.runtime.zero.config import ZeroStageEnum
-from deepspeed.runtime.zero.partition_parameters import GatheredParameters
-from deepspeed.utils.tensor_fragment import fragment_address
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -142,6 +138,8 @@ def init_distributed() -> DistInfo:
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", str(_free_port()))
     if not dist.is_initialized():
+        import deepspeed
+
         deepspeed.init_distributed(verbose=False)
     # forgotten again by `shutdown`, so a later job (or child process) of this process starts clean
     _ADDED_ENV.update(set(env) - before)
@@ -194,8 +192,10 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     # DeepSpeed caches process groups of the destroyed world; a later job in this process needs fresh ones
+    groups = sys.modules.get("deepspeed.utils.groups")  # only if a job imported DeepSpeed
     for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
-        setattr(deepspeed.utils.groups, name, None)
+        if groups is not None:
+            setattr(groups, name, None)
     for name in _ADDED_ENV:
         os.environ.pop(name, None)
     _ADDED_ENV.clear()
@@ -204,9 +204,15 @@ def shutdown() -> None:
 # --------------------------------------------------------------------------------------------
 # Checkpoint files
 
-# What DeepSpeed's model/optimizer files hold besides tensors and containers (found by loading
-# files of every ZeRO stage with fp32 and bf16 through the weights-only unpickler).
-DEEPSPEED_GLOBALS = [LossScaler, ZeroStageEnum, fragment_address]
+
+def deepspeed_globals() -> list:
+    """What DeepSpeed's model/optimizer files hold besides tensors and containers (found by loading
+    files of every ZeRO stage with fp32 and bf16 through the weights-only unpickler)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
 
 
 @contextmanager
@@ -215,7 +221,7 @@ def restricted_unpickling() -> Iterator[None]:
     previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"  # overrides an explicit weights_only=False
     try:
-        with torch.serialization.safe_globals(DEEPSPEED_GLOBALS):
+        with torch.serialization.safe_globals(deepspeed_globals()):
             yield
     except pickle.UnpicklingError as err:
         raise ValueError(f"refusing to unpickle a checkpoint file: {unpickling_reason(err)}") from err
@@ -238,23 +244,29 @@ def write_error(path: str | Path, err: BaseException) -> str:
     return f"{path}: {text}"
 
 
-class _CheckpointFiles(TorchCheckpointEngine):
-    """DeepSpeed's torch checkpoint engine with Python-file writes that record errors, and safe reads."""
+@functools.cache
+def checkpoint_files_class() -> type:
+    """DeepSpeed's torch checkpoint engine with Python-file writes that record errors, and safe reads
+    (a class made on first use: DeepSpeed is imported only when a job runs)."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
-    def __init__(self, config_params):
-        super().__init__(config_params)
-        self.errors: list[str] = []
+    class CheckpointFiles(TorchCheckpointEngine):
+        def __init__(self, config_params):
+            super().__init__(config_params)
+            self.errors: list[str] = []
 
-    def save(self, state_dict, path: str):
-        try:
-            with open(path, "wb") as f:
-                torch.save(state_dict, f, _use_new_zipfile_serialization=self.zipfile_serialization)
-        except (OSError, RuntimeError) as err:
-            self.errors.append(write_error(path, err))
+        def save(self, state_dict, path: str):
+            try:
+                with open(path, "wb") as f:
+                    torch.save(state_dict, f, _use_new_zipfile_serialization=self.zipfile_serialization)
+            except (OSError, RuntimeError) as err:
+                self.errors.append(write_error(path, err))
 
-    def load(self, path: str, map_location=None):
-        with restricted_unpickling():
-            return torch.load(path, map_location=map_location, weights_only=True)
+        def load(self, path: str, map_location=None):
+            with restricted_unpickling():
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return CheckpointFiles
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,10 +334,12 @@ class Engine:
         self.ds, self.cfg = ds_engine, cfg
         self.module: nn.Module = ds_engine.module
         self.dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+        from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
         files = ds_engine.checkpoint_engine
         if type(files) is not TorchCheckpointEngine:
             raise ValueError(f"unsupported DeepSpeed checkpoint engine {type(files).__name__}")
-        self.files = _CheckpointFiles(ds_engine._config)
+        self.files = checkpoint_files_class()(ds_engine._config)
         ds_engine.checkpoint_engine = self.files
         self.unused = _UnusedModules(self.module) if self.zero3 else None
 
@@ -333,6 +347,8 @@ class Engine:
     def create(
         cls, model: nn.Module, cfg: DeepSpeedConfig, micro_batch: int, device: torch.device, lr: float = 1e-4
     ) -> "Engine":
+        import deepspeed
+
         ds_cfg = ds_config_dict(cfg, micro_batch, lr)
         model = model.to(device)
         ds_engine, *_ = deepspeed.initialize(
@@ -390,7 +406,7 @@ class Engine:
     @contextmanager
     def gathered(self) -> Iterator[None]:
         """Full student weights readable inside (ZeRO-3 gathers them; other stages have them)."""
-        ctx = GatheredParameters(list(self.module.parameters())) if self.zero3 else nullcontext()
+        ctx = gathered_parameters(self.module) if self.zero3 else nullcontext()
         with ctx:
             yield
 
@@ -410,6 +426,13 @@ class Engine:
 
 # --------------------------------------------------------------------------------------------
 # EMA teacher
+
+
+def gathered_parameters(module: nn.Module):
+    """ZeRO-3: every parameter of `module` gathered whole inside the context."""
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    return GatheredParameters(list(module.parameters()))
 
 
 class EMATeacher:
@@ -444,6 +467,8 @@ class EMATeacher:
         device = next(engine.module.parameters()).device
         teacher = model_copy.float().to(device)
         if engine.zero3:
+            import deepspeed
+
             ds_cfg = ds_config_dict(engine.cfg, 1)
             deepspeed.zero.Init(module=teacher, config_dict_or_path=ds_cfg, dtype=torch.float32)
         return cls(engine, teacher)
@@ -460,7 +485,7 @@ class EMATeacher:
     @contextmanager
     def gathered(self) -> Iterator[nn.Module]:
         """The teacher with full weights for a forward pass (read-only under ZeRO-3)."""
-        ctx = GatheredParameters(list(self.teacher.parameters())) if self.engine.zero3 else nullcontext()
+        ctx = gathered_parameters(self.teacher) if self.engine.zero3 else nullcontext()
         with ctx:
             yield self.teacher
 

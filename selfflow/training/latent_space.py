@@ -17,7 +17,6 @@
     target = repa_targets(adapter, batch.x0, batch.ids, encode, device)              # (B, L, d)
 """
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from selfflow.data.loader import read_manifest
 from selfflow.modalities.base import Modality
 from selfflow.modalities.builder import ModalityConfig
 
@@ -35,22 +35,25 @@ RepaTarget = Callable[[Tensor, tuple[int, int], torch.device], Tensor]
 
 
 def manifest_path(shards: str) -> Path:
-    """`manifest.json` of the `selfflow prepare` output that holds the shard folder (or glob) `shards`."""
+    """`manifest.json` of the `selfflow prepare` output that holds the local shard folder (or glob) `shards`."""
     path = Path(shards)
     folder = path if path.is_dir() else path.parent
     return folder.parent / "manifest.json"
 
 
 def prepared_modality(shards: str, name: str) -> ModalityConfig:
-    """The adapter config `selfflow prepare` used for modality `name` of the shards at `shards`."""
-    path = manifest_path(shards)
-    if not path.is_file():
+    """The adapter config `selfflow prepare` used for modality `name` of the shards at `shards` (a local
+    folder, glob or brace pattern, or http(s) URLs: the manifest is read beside the modality's folder)."""
+    found = read_manifest(shards)
+    if found is None:
         raise FileNotFoundError(
-            f"{path} not found: the autoencoder of {shards} is unknown (is it `selfflow prepare` output?)"
+            f"no manifest.json beside {shards}: the autoencoder of these shards is unknown (is it `selfflow "
+            f"prepare` output?); without one, set modalities.{name}.timesteps.distribution explicitly"
         )
-    entry = json.loads(path.read_text()).get("modalities", {}).get(name)
+    where, manifest = found
+    entry = manifest.get("modalities", {}).get(name)
     if entry is None or "modality" not in entry:
-        raise ValueError(f"{path} records no modality {name!r}")
+        raise ValueError(f"{where} records no modality {name!r}")
     return ModalityConfig(**entry["modality"])
 
 

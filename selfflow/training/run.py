@@ -48,6 +48,7 @@ from tqdm import tqdm
 from selfflow.config import save_config
 from selfflow.data.batch import mix_seed
 from selfflow.files import atomic_write
+from selfflow.progress import progress
 from selfflow.training import checkpoints
 from selfflow.training.checkpoints import CheckpointError
 from selfflow.training.engine import (
@@ -271,7 +272,7 @@ def begin(job: Run) -> None:
 def loop(job: Run, callbacks: Sequence[Periodic]) -> None:
     cfg, info, state = job.cfg, job.info, job.state
     models = Models(job.engine, job.ema, info.device)
-    bar = tqdm(range(state.step, cfg.steps), initial=state.step, total=cfg.steps, disable=info.rank != 0)
+    bar = progress(range(state.step, cfg.steps), initial=state.step, total=cfg.steps, disable=info.rank != 0)
     window = LogWindow()
     for step in bar:
         start = time.perf_counter()

@@ -16,7 +16,6 @@ by the weights-only unpickler before anything starts.
     torchrun --nproc-per-node 8 -m selfflow.cli train --config ...     # one node, 8 GPUs
 """
 
-import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -32,14 +31,13 @@ from selfflow.backbone.mmdit import MMDiTConfig
 from selfflow.backbone.sit import SiTConfig
 from selfflow.backbone.trunk import build_trunk
 from selfflow.data.batch import mix_seed
-from selfflow.data.loader import LatentStream, LoaderConfig, shard_list
+from selfflow.data.loader import LatentStream, LoaderConfig, read_manifest, shard_list
 from selfflow.data.synthetic import SyntheticConfig, SyntheticLatents, SyntheticStream
 from selfflow.flow.paths import AUTO, TimestepConfig
 from selfflow.modalities.builder import build_modality, timestep_distribution
 from selfflow.training.latent_space import (
     REPA_MODALITIES,
     RepaTarget,
-    manifest_path,
     prepared_modality,
     raw_modality,
     repa_targets,
@@ -144,14 +142,14 @@ def take_data_dims(model: MMDiTConfig, modalities: dict[str, MixConfig]) -> None
     The resolved values are what the run saves in its config.yaml."""
     text = None
     for name, mix in modalities.items():
-        path = manifest_path(mix.shards) if mix.shards else None
-        if path is None or not path.is_file():
+        found = read_manifest(mix.shards) if mix.shards else None
+        if found is None:
             continue
+        where, manifest = found
         try:
-            manifest = json.loads(path.read_text())
             width = (manifest.get("modalities", {}).get(name) or {}).get("token_dim")
-        except (ValueError, AttributeError) as err:
-            raise ValueError(f"{path}: not a `selfflow prepare` manifest ({err})") from err
+        except AttributeError as err:
+            raise ValueError(f"{where}: not a `selfflow prepare` manifest ({err})") from err
         if width:
             model.modalities[name] = [int(width), int(width)]
         text = text or manifest.get("text")
