@@ -88,16 +88,18 @@ class SelfFlowPipeline:
         if not text:
             return None, None
         cfg = TextConfig(**{**text["config"], "path": str(self.folder / text["config"]["path"])})
-        if cfg.kind == "sentencepiece":
+        if cfg.kind == "sentencepiece":  # the model folder's own copy
             self._text = self._text or SentencePieceTokenizer(cfg.path, cfg.max_length)
-        else:
+            values, mask, lengths = self._text(prompts)
+        else:  # a T5 / causal-LM folder, referenced by the local path it was prepared with
             self._text = self._text or HFTextEncoder(replace(cfg, path=text["config"]["path"]), self.device)
-        tokens = self._text(prompts)
-        for prompt, n in zip(prompts, tokens.lengths.tolist(), strict=True):
+            values, mask, lengths = self._text.encode(prompts)
+            values = values.cpu()
+        for prompt, n in zip(prompts, lengths.tolist(), strict=True):
             if n > cfg.max_length:
                 raise ValueError(f"prompt {prompt!r} is {n} tokens; this model reads at most {cfg.max_length}")
-        longest = max(1, int(tokens.mask.sum(dim=1).max()))  # cut trailing padding, as training's batches do
-        return tokens.ids[:, :longest], tokens.mask[:, :longest]
+        longest = max(1, int(mask.sum(dim=1).max()))  # cut trailing padding, as training's batches do
+        return values[:, :longest], mask[:, :longest].cpu()
 
     @torch.no_grad()
     def __call__(
@@ -117,7 +119,7 @@ class SelfFlowPipeline:
         if self.model.cfg.context_dim and any(p is None for p in prompts):
             raise ValueError("this model is text-conditioned: give a prompt")
         if label is not None:
-            raise ValueError("this MMDiT has no class conditioning; drop label=")
+            raise ValueError("label= samples class-conditional SiT models; an MMDiT is sampled from prompts")
         adapter = self.adapter(modality)
         entry = self.entries[modality]
         latent_shape = tuple(entry["latent_shape"])

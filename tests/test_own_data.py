@@ -116,3 +116,18 @@ def test_eval_and_report_on_your_own_data_skip_the_built_in_metrics(model_folder
     report = run / "report"
     assert main(["report", f"runs=[{run}]", f"out_dir={report}", "mlflow=false"]) == 0
     assert (report / "report.html").is_file()
+
+
+def test_the_model_card_tabulates_the_latest_evaluation():
+    from selfflow.training.export import model_card
+
+    config = {"model": {"kind": "mmdit", "hidden_size": 8}, "step": 7, "selfflow_version": "x", "text": None}
+    evaluation = {
+        "step": 7,
+        "protocol": {"sampler": {"kind": "euler", "num_steps": 25, "cfg_scale": 1.0}},
+        "metrics": {"image": {"fd_builtin": 12.5, "caption_accuracy": {"overall": 0.25}, "seconds": 3.0}},
+    }
+    card = model_card(config, {}, {}, {"steps": 7}, evaluation)
+    assert "## Evaluation (step 7, euler 25 steps, CFG 1.0)" in card
+    assert "| image | fd_builtin | 12.5 |" in card and "| image | caption_accuracy | 0.25 |" in card
+    assert "seconds" not in card

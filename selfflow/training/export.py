@@ -103,7 +103,7 @@ def export(
 def write_model_folder(dest: Path, weights: Path, checkpoint: Path, run_dir: Path, model_cfg) -> Path:
     """The shareable folder (see the module's docstring) for the exported `weights` of `checkpoint`."""
     from selfflow import __version__
-    from selfflow.training.latent_space import manifest_path
+    from selfflow.data.loader import REMOTE, read_manifest
 
     train_cfg = yaml.safe_load((checkpoint / "config.yaml").read_text()) or {}
     dest.mkdir(parents=True, exist_ok=True)
@@ -112,10 +112,10 @@ def write_model_folder(dest: Path, weights: Path, checkpoint: Path, run_dir: Pat
     modalities, text, data = {}, None, {}
     for name, mix in (train_cfg.get("modalities") or {}).items():
         shards = (mix or {}).get("shards")
-        path = manifest_path(shards) if shards else None
-        if path is None or not path.is_file():
+        found = read_manifest(shards) if shards else None
+        if found is None:
             continue
-        manifest = json.loads(path.read_text())
+        where, manifest = found
         entry = manifest.get("modalities", {}).get(name)
         if not entry:
             continue
@@ -132,13 +132,16 @@ def write_model_folder(dest: Path, weights: Path, checkpoint: Path, run_dir: Pat
         }
         data[name] = {
             "count": entry["count"],
-            "shards": str(Path(shards).resolve()),
+            "shards": shards if shards.startswith(REMOTE) else str(Path(shards).resolve()),
             "raw_dir": manifest.get("raw_dir"),
         }
-        text = text or manifest.get("text")
+        if text is None and manifest.get("text"):
+            text, text_home = manifest["text"], Path(where).parent
     if text and text["config"]["kind"] == "sentencepiece":
+        spm = Path(text["config"]["path"])  # as prepare wrote it: relative to where prepare ran, or absolute
+        spm = spm if spm.is_file() else text_home / "text" / spm.name  # else in prepare's out_dir
         (dest / "text").mkdir(exist_ok=True)
-        shutil.copyfile(text["config"]["path"], dest / "text" / "spm.model")
+        shutil.copyfile(spm, dest / "text" / "spm.model")
         text = {**text, "config": {**text["config"], "path": "text/spm.model"}}
     state = checkpoints.read_state(checkpoint)
     config = {
@@ -199,11 +202,15 @@ def model_card(config: dict, modalities: dict, data: dict, train_cfg: dict, eval
     text = config.get("text")
     lines += ["", f"Text: {text['config']['kind'] if text else 'none'}.", ""]
     if evaluation:
-        lines += [f"## Evaluation (step {evaluation.get('checkpoint', {}).get('step', '?')}, no guidance)", ""]
+        sampler = evaluation.get("protocol", {}).get("sampler", {})
+        how = f"{sampler.get('kind', '?')} {sampler.get('num_steps', '?')} steps, CFG {sampler.get('cfg_scale', '?')}"
+        lines += [f"## Evaluation (step {evaluation.get('step', '?')}, {how})", ""]
         lines += ["| modality | metric | value |", "|---|---|---|"]
-        for name, result in (evaluation.get("modalities") or {}).items():
-            for metric, value in (result.get("metrics") or {}).items():
-                if isinstance(value, int | float):
+        for name, metrics in (evaluation.get("metrics") or {}).items():
+            for metric, value in metrics.items():
+                if isinstance(value, dict) and isinstance(value.get("overall"), int | float):
+                    value = value["overall"]  # caption accuracy: the share of stated attributes shown
+                if isinstance(value, int | float) and metric != "seconds":
                     lines.append(f"| {name} | {metric} | {value:.4g} |")
         lines.append("")
     lines += ["## Training config", "", "```yaml", yaml.safe_dump(train_cfg, sort_keys=False).rstrip(), "```", ""]
