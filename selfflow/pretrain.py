@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from selfflow.backbone.sit import SiTConfig
-from selfflow.eval.encoders import RepaEncoder, repa_feature_dim
 from selfflow.eval.evaluate import EvalConfig, evaluate, flat, write_eval
 from selfflow.training.run import Periodic, Run
 from selfflow.training.train import RepaTarget, TrainConfig, train
@@ -64,6 +63,8 @@ def repa_target(cfg: TrainConfig) -> RepaTarget:
     path = Path(cfg.objective.repa_encoder)
     if not path.exists():
         raise FileNotFoundError(f"objective.repa_encoder not found: {path}")
+    from selfflow.eval.encoders import RepaEncoder, repa_feature_dim  # here: transformers takes seconds
+
     width = repa_feature_dim(path)
     if cfg.model.projector_out != width:
         raise ValueError(

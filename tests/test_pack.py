@@ -143,6 +143,12 @@ def test_bad_caption_files_and_settings_are_named(tmp_path):
     with pytest.raises(ValueError, match="image_size must be an even number"):
         PackConfig(src=str(src), image_size=33)
     assert not (tmp_path / "o").exists()  # nothing written for bad input
+    (src / "a.txt").write_text("a caption")
+    pack(PackConfig(src=str(src), out_dir=str(tmp_path / "o"), workers=1))
+    before = (tmp_path / "o" / "image" / "shard-000000.tar").read_bytes()
+    with pytest.raises(FileExistsError, match="already holds shards"):
+        pack(PackConfig(src=str(src), out_dir=str(tmp_path / "o"), workers=1, image_size=16))
+    assert (tmp_path / "o" / "image" / "shard-000000.tar").read_bytes() == before  # untouched
 
 
 def test_fit_size_caps_pixels_and_keeps_even_sides():

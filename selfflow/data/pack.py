@@ -107,6 +107,9 @@ def pack(cfg: PackConfig) -> dict:
     if not entries:
         raise ValueError(f"no usable media files under {src} (extensions: {sorted(EXTENSION_MODALITY)})")
     out = Path(cfg.out_dir)
+    earlier = sorted(str(p) for m in {e.modality for e in entries} for p in (out / m).glob("shard-*.tar"))
+    if earlier:  # never mixed with (or silently deleting) shards an earlier pack wrote
+        raise FileExistsError(f"{out} already holds shards ({earlier[0]}, ...): choose another out_dir or remove it")
     counts: dict[str, dict] = defaultdict(lambda: {"written": 0, "resized": 0, "cut": 0, "shards": 0})
     writers: dict[str, TarWriter] = {}
     try:

@@ -20,7 +20,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderOobleck
 from torch import Tensor, nn
 
 from selfflow.flow.paths import TimestepConfig
@@ -65,6 +64,8 @@ class OobleckVAE(AudioAutoencoder):
     """Stable-audio Oobleck VAE: posterior mean, then `(z - mean) / std` with data statistics (None: unnormalised)."""
 
     def __init__(self, path: str | Path, stats: dict | str | Path | None = None):
+        from diffusers import AutoencoderOobleck  # here: diffusers takes seconds to import
+
         vae = load_pretrained(AutoencoderOobleck, path, "audio")
         cfg = vae.config
         hop = int(math.prod(cfg.downsampling_ratios))

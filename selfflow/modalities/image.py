@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, AutoencoderKLFlux2
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -54,6 +53,8 @@ class SDVAE(ImageAutoencoder):
     """SD-VAE (`AutoencoderKL`): posterior mean (or a sample) times `scaling_factor`."""
 
     def __init__(self, path: str | Path, sample_posterior: bool = False, scale: float | None = None):
+        from diffusers import AutoencoderKL  # here: diffusers takes seconds to import
+
         vae = load_pretrained(AutoencoderKL, path, "image")
         cfg = vae.config
         super().__init__(cfg.in_channels, cfg.latent_channels, 2 ** (len(cfg.block_out_channels) - 1))
@@ -79,6 +80,8 @@ class Flux2AE(ImageAutoencoder):
     """FLUX.2 AE (`AutoencoderKLFlux2`): mean -> 2x2 patchify `(c, pi, pj)` -> BatchNorm running stats."""
 
     def __init__(self, path: str | Path, eps: float | None = None):
+        from diffusers import AutoencoderKLFlux2
+
         vae = load_pretrained(AutoencoderKLFlux2, path, "image")
         cfg = vae.config
         pi, pj = (int(p) for p in cfg.patch_size)

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKLWan
 from torch import Tensor, nn
 
 from selfflow.flow.paths import TimestepConfig
@@ -71,6 +70,8 @@ class WanVAE(VideoAutoencoder):
     """Wan2.x VAE (`AutoencoderKLWan`): posterior mean, per-channel `(z - mean) / std` from the config."""
 
     def __init__(self, path: str | Path):
+        from diffusers import AutoencoderKLWan  # here: diffusers takes seconds to import
+
         vae = load_pretrained(AutoencoderKLWan, path, "video")
         cfg = vae.config
         p = cfg.patch_size or 1  # Wan2.2 folds 2x2 pixels into channels before the encoder (12 = 3 * 2 * 2)
