@@ -154,7 +154,7 @@ def test_auto_timesteps_follow_the_autoencoder(tmp_path, sd_vae_dir):
         == (TIMESTEP_DISTRIBUTION["sd_vae"])
     )
     (tmp_path / "sd" / "manifest.json").unlink()
-    with pytest.raises(FileNotFoundError, match="manifest.json not found"):
+    with pytest.raises(FileNotFoundError, match="no manifest.json beside .*set modalities.image.timesteps"):
         PretrainTask(load_config(TrainConfig, TINY, image_only(sd)))
 
 

@@ -172,7 +172,7 @@ def test_report_says_which_differences_exceed_the_spread(seeded_runs, tmp_path):
     assert "- no guidance: caption_accuracy_real" not in markdown  # the real items' own score is not compared
 
 
-def test_single_runs_get_no_summary_and_names_must_differ(seeded_runs, tmp_path, capsys):
+def test_single_runs_get_no_summary_and_a_folder_given_twice_is_refused(seeded_runs, tmp_path, capsys):
     folders, _ = seeded_runs
     out = tmp_path / "report"
     assert main(["report", f"runs=[{folders[0]},{folders[3]}]", f"out_dir={out}", "mlflow=false"]) == 0
@@ -180,4 +180,4 @@ def test_single_runs_get_no_summary_and_names_must_differ(seeded_runs, tmp_path,
     assert "mean ± std" not in markdown and "Methods (seeds)" not in markdown
     assert set(table_rows(markdown, "run (no guidance)")) == {"fm_seed0", "repa_seed0"}
     assert main(["report", f"runs=[{folders[0]},{folders[0]}]", f"out_dir={out}", "mlflow=false"]) != 0
-    assert "distinct folder names (or seeds), got ['fm_seed0']" in capsys.readouterr().err
+    assert "the same folder is given twice" in capsys.readouterr().err  # folders sharing a name are told apart

@@ -91,6 +91,8 @@ def source_tags(run_dir: Path) -> dict[str, str]:
         "mlflow.source.name": "selfflow " + (sys.argv[1] if len(sys.argv) > 1 else ""),
     }
     checkout = Path(__file__).resolve().parents[2]
+    if not (checkout / "pyproject.toml").is_file() or not (checkout / ".git").exists():
+        return tags  # an installed wheel: site-packages may sit inside some other repository
     git = {"cwd": checkout, "capture_output": True, "text": True, "timeout": 10}
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], **git)
