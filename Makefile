@@ -82,9 +82,9 @@ CHROMIUM := $(shell command -v chromium || command -v chromium-browser)
 
 test: lint
 ifeq ($(CHROMIUM),)
-	-( [ "$$(id -u)" = 0 ] && apt-get install -y -qq --no-install-recommends chromium >/dev/null ) || \
-	  ( [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null ) || \
-	  sudo -n apt-get install -y -qq --no-install-recommends chromium >/dev/null || \
+	-( [ "$$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null ) || \
+	  ( [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null ) || \
+	  sudo -n DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null || \
 	  echo "could not install chromium: tests/test_report_browser.py will fail"
 endif
 	$(BIN)/pytest
