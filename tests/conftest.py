@@ -1,5 +1,6 @@
 """Shared test helpers: the reference fixture recorded from the public Self-Flow release."""
 
+import argparse
 import os
 from pathlib import Path
 
@@ -16,7 +17,8 @@ def reference() -> dict:
     path = FIXTURES / "selfflow_reference.pt"
     if not path.is_file():
         raise FileNotFoundError(f"reference fixture missing: {path} (set SELFFLOW_FIXTURES to its folder)")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    with torch.serialization.safe_globals([argparse.Namespace]):  # the release's run config, beside tensors
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

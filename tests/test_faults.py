@@ -25,7 +25,7 @@ from train_runs import REPO, TINY, launch, metrics, trace
 from selfflow.cli import main
 from selfflow.files import file_sha256
 from selfflow.training import checkpoints
-from selfflow.training.engine import consolidated_student
+from selfflow.training.engine import consolidated_student, restricted_unpickling
 from selfflow.training.export import export
 
 QUIET = ["tracking.enabled=false"]
@@ -189,7 +189,8 @@ def planted_run(four_steps: Path, tmp_path: Path, marker: Path, forge_manifest: 
     shutil.copytree(four_steps, run_dir)
     folder = checkpoints.checkpoint_dir(run_dir, 4)
     target = folder / "mp_rank_00_model_states.pt"
-    real = torch.load(target, map_location="cpu", weights_only=False)  # our own file, trusted here
+    with restricted_unpickling():  # the run's own file, read as selfflow reads it
+        real = torch.load(target, map_location="cpu", weights_only=True)
     write_evil_pickle(target, marker, real)
     if forge_manifest:
         manifest = json.loads((folder / checkpoints.MANIFEST).read_text())

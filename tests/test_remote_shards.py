@@ -12,8 +12,8 @@ import pytest
 import torch
 from webdataset import TarWriter
 
-from selfflow.data.loader import LatentStream, LoaderConfig, read_manifest, shard_list
-from selfflow.training.latent_space import prepared_modality
+from selfflow.data.loader import LatentStream, LoaderConfig, prepared_modality, read_manifest, shard_list
+
 
 TRUNCATED = "latent-000001.tar"
 

@@ -20,7 +20,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # tests never phone h
 from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow_server import free_port, mlflow_server_fixture  # noqa: E402, F401
 
-from selfflow.training.run import LogWindow  # noqa: E402
+from selfflow.training.steplog import LogWindow  # noqa: E402
 from selfflow.training.tracking import (  # noqa: E402
     MAX_PARAM_VALUE_LENGTH,
     TRUNCATION_NOTE,

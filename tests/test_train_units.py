@@ -11,8 +11,8 @@ from selfflow.backbone.mmdit import MMDiTConfig, build_mmdit
 from selfflow.config import ConfigError, load_config
 from selfflow.training import checkpoints
 from selfflow.training.engine import DeepSpeedConfig, Engine, _UnusedModules, ds_config_dict, param_groups
-from selfflow.training.run import truncate_jsonl
 from selfflow.training.schedules import EMAConfig, LRConfig, ema_decay, lr_at
+from selfflow.training.steplog import truncate_jsonl
 from selfflow.training.train import TrainConfig, draw_modality
 
 

@@ -51,9 +51,12 @@ SAFE_GLOBALS = [argparse.Namespace]
 
 CONVERT_HINT = (
     "selfflow reads .pt files with torch's weights-only unpickler only (anything else could run code "
-    "hidden in the file). If you trust this file, convert it once to safetensors and pass that instead:\n"
-    '  python -c "import torch; from safetensors.torch import save_file; '
-    "sd = torch.load('{path}', map_location='cpu', weights_only=False); sd = sd.get('ema', sd); "
+    "hidden in the file). If you trust this file and the global named above is a plain data class (a "
+    "function such as os.system means the file runs code: do not), convert it once to safetensors with "
+    "that one class allowed, still through the weights-only unpickler, and pass the result instead:\n"
+    '  python -c "import torch; from safetensors.torch import save_file; from MODULE import CLASS; '
+    "torch.serialization.add_safe_globals([CLASS]); "
+    "sd = torch.load('{path}', map_location='cpu', weights_only=True); sd = sd.get('ema', sd); "
     "save_file({{k: v.contiguous() for k, v in sd.items()}}, '{stem}.safetensors')\""
 )
 

@@ -34,6 +34,7 @@ import torch
 import webdataset as wds
 
 from selfflow.data.batch import LatentBatch, mix_seed, stack_text
+from selfflow.modalities.builder import ModalityConfig
 
 
 @dataclass
@@ -119,9 +120,28 @@ def read_manifest(shards: str) -> tuple[str, dict] | None:
     if not manifest.is_file():
         return None
     try:
-        return str(manifest), json.loads(manifest.read_text())
+        content = json.loads(manifest.read_text())
     except ValueError as err:
         raise ValueError(f"{manifest}: not a `selfflow prepare` manifest ({err})") from err
+    if not isinstance(content, dict):
+        raise ValueError(f"{manifest}: not a `selfflow prepare` manifest (a {type(content).__name__})")
+    return str(manifest), content
+
+
+def prepared_modality(shards: str, name: str) -> ModalityConfig:
+    """The adapter config `selfflow prepare` used for modality `name` of the shards at `shards` (a local
+    folder, glob or brace pattern, or http(s) URLs: the manifest is read beside the modality's folder)."""
+    found = read_manifest(shards)
+    if found is None:
+        raise FileNotFoundError(
+            f"no manifest.json beside {shards}: the autoencoder of these shards is unknown (is it `selfflow "
+            f"prepare` output? to train without one, set modalities.{name}.timesteps.distribution explicitly)"
+        )
+    where, manifest = found
+    entry = manifest.get("modalities", {}).get(name)
+    if entry is None or "modality" not in entry:
+        raise ValueError(f"{where} records no modality {name!r}")
+    return ModalityConfig(**entry["modality"])
 
 
 def decode_sample(sample: dict) -> dict:

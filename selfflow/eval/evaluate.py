@@ -211,7 +211,7 @@ def score(
     second set of samples of the same items does not recompute them."""
     metrics, weights = {}, {}
     if is_builtin(items):
-        builtin_metrics(name, fake, real, items, cfg, sample_rate, reference, metrics, weights)
+        metrics, weights = builtin_metrics(name, fake, real, items, cfg, sample_rate, reference)
     if name == "video" and cfg.fvd:
         from selfflow.eval.i3d import WEIGHTS_SHA256
 
@@ -237,19 +237,20 @@ def score(
     return metrics, weights
 
 
-BUILTIN_KEYS = frozenset({"modality", "seed", "index"})  # what `selfflow synth` stores with every item
+BUILTIN_KEYS = frozenset({"seed", "index"})  # what `selfflow synth` stores with every item (prepare adds "modality")
 
 
 def is_builtin(items: EvalSet) -> bool:
     """Items of the built-in dataset carry the ground truth the built-in metrics check (your own data,
     packed by `selfflow pack`, does not: it gets the standard metrics whose weights are given)."""
-    return all(a.keys() >= BUILTIN_KEYS and "source" not in a for a in items.attributes)
+    return all(a.keys() >= BUILTIN_KEYS for a in items.attributes)
 
 
-def builtin_metrics(name, fake, real, items: EvalSet, cfg: EvalConfig, sample_rate, reference, metrics, weights):
-    """Built-in FD and caption-following accuracy (real items' score computed once, into `reference`)."""
+def builtin_metrics(name, fake, real, items: EvalSet, cfg: EvalConfig, sample_rate, reference) -> tuple[dict, dict]:
+    """Built-in FD and caption-following accuracy, and the feature net's sha256 (the real items'
+    statistics and score are computed once, into `reference`)."""
     net = builtin_net(name, cfg)
-    weights[f"builtin_{name}"] = net.sha256
+    metrics = {}
     with torch.no_grad():
         if "builtin" not in reference:
             reference["builtin"] = FeatureStats(net.cfg.feature_dim).update(batched(net.features, real))
@@ -260,6 +261,7 @@ def builtin_metrics(name, fake, real, items: EvalSet, cfg: EvalConfig, sample_ra
     if "caption_accuracy_real" not in reference:
         real_items = zip(scorable(name, real), attrs, strict=True)
         reference["caption_accuracy_real"] = captions.caption_accuracy(name, real_items)
+    return metrics, {f"builtin_{name}": net.sha256}
 
 
 def builtin_net(name: str, cfg: EvalConfig):

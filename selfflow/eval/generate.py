@@ -25,12 +25,12 @@ from torch import Tensor
 
 from selfflow.backbone.mmdit import MMDiT
 from selfflow.data.batch import stack_text
-from selfflow.data.loader import decode_sample, shard_list
+from selfflow.data.loader import decode_sample, prepared_modality, shard_list
 from selfflow.data.raw import read_shard
 from selfflow.eval.sample import sample_seed
 from selfflow.flow.samplers import PerSampleNoise, SamplerConfig, sample
 from selfflow.modalities.base import Modality
-from selfflow.modalities.builder import ModalityConfig, build_modality
+from selfflow.modalities.builder import build_modality
 
 
 class EvalSet(NamedTuple):
@@ -81,13 +81,7 @@ def read_eval_set(data_dir: str | Path, modality: str, count: int, allow_fewer: 
 
 def data_modality(data_dir: str | Path, name: str) -> Modality:
     """The modality adapter that `selfflow prepare` used for `data_dir` (from its manifest.json)."""
-    manifest_path = Path(data_dir) / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path} not found: is {data_dir} an output folder of `selfflow prepare`?")
-    entry = json.loads(manifest_path.read_text())["modalities"].get(name)
-    if entry is None:
-        raise ValueError(f"{manifest_path} has no modality {name!r}")
-    return build_modality(ModalityConfig(**entry["modality"]))
+    return build_modality(prepared_modality(str(Path(data_dir) / name), name))
 
 
 @torch.no_grad()

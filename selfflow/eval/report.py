@@ -213,9 +213,8 @@ def headline(metrics: dict) -> dict[str, float]:
 def protocol_table(latest) -> tuple[list[str], list[list[str]]]:
     """How each run's latest evaluation was made: sampler, steps, guidance, N, seed, checkpoint step,
     and the sha256 of every network the metrics used."""
-    header = ["run (evaluation protocol)", "checkpoint step", "weights sha256", "sampler", "steps", "reported set"]
-    header += ["guided set"]
-    header += ["N", "seed", "networks (sha256)"]
+    header = ["run (evaluation protocol)", "checkpoint step", "weights sha256", "sampler", "steps"]
+    header += ["reported set", "guided set", "N", "seed", "networks (sha256)"]
     body = []
     for r, (_, result) in latest:
         protocol, checkpoint = result.get("protocol", {}), result.get("checkpoint", {})
@@ -416,17 +415,18 @@ MIME = {".png": "image/png", ".gif": "image/gif", ".wav": "audio/wav", ".mp4": "
 EMBED_LIMIT = 8 * 2**20  # bytes; larger files stay links beside the report
 
 
-def source(path: str, out: Path | None) -> str:
-    """The `src` of a media file: its bytes as a data URI, so the page is whole wherever it is shown
-    (MLflow's artifact viewer renders HTML without its neighbouring files), or the relative path."""
-    file = out / path if out is not None else None
-    if file is None or not file.is_file() or file.stat().st_size > EMBED_LIMIT:
+def source(path: str, out: Path) -> str:
+    """The `src` of a media file beside the report in `out`: its bytes as a data URI, so the page is whole
+    wherever it is shown (MLflow's artifact viewer renders HTML without its neighbouring files), or its
+    relative path when it is over EMBED_LIMIT."""
+    file = out / path
+    if file.stat().st_size > EMBED_LIMIT:
         return path
     mime = MIME.get(file.suffix, "application/octet-stream")
     return f"data:{mime};base64,{base64.b64encode(file.read_bytes()).decode()}"
 
 
-def media_html(path: str, out: Path | None = None) -> str:
+def media_html(path: str, out: Path) -> str:
     if path.endswith(".wav"):
         return f'<audio controls src="{source(path, out)}"></audio>'
     return f'<img src="{source(path, out)}" alt="{html.escape(path)}" style="image-rendering: pixelated">'
@@ -438,7 +438,7 @@ def table_html(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def render_html(title: str, runs: list[Run], sections: list[Section], out: Path | None = None) -> str:
+def render_html(title: str, runs: list[Run], sections: list[Section], out: Path) -> str:
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"

@@ -16,7 +16,7 @@ EMA teacher (fp32, DESIGN.md section 2):
 
 Checkpoint files: DeepSpeed pickles its model and optimizer states with `torch.save`. Reading
 them goes through `restricted_unpickling()`: torch's weights-only unpickler (forced even where
-DeepSpeed asks for `weights_only=False`) that admits tensors, containers and the three small
+DeepSpeed asks torch for a full unpickler) that admits tensors, containers and the three small
 DeepSpeed classes those files hold, so no file can run code. Writing goes through Python file
 objects, so a full disk is an `OSError` "No space left on device" with the path; write errors
 are collected per rank instead of raised inside DeepSpeed's save (a rank raising there would
@@ -219,7 +219,7 @@ def deepspeed_globals() -> list:
 def restricted_unpickling() -> Iterator[None]:
     """Every `torch.load` inside (DeepSpeed's included) uses the weights-only unpickler."""
     previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"  # overrides an explicit weights_only=False
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"  # wins over a caller's request for full unpickling
     try:
         with torch.serialization.safe_globals(deepspeed_globals()):
             yield

@@ -19,12 +19,10 @@
 
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from selfflow.data.loader import read_manifest
 from selfflow.modalities.base import Modality
 from selfflow.modalities.builder import ModalityConfig
 
@@ -32,29 +30,6 @@ REPA_MODALITIES = ("image", "video")  # served by an image encoder (video frame 
 
 # images (N, 3, H, W) in [-1, 1], the token grid (h, w), the loss's device -> features (N, h*w, d)
 RepaTarget = Callable[[Tensor, tuple[int, int], torch.device], Tensor]
-
-
-def manifest_path(shards: str) -> Path:
-    """`manifest.json` of the `selfflow prepare` output that holds the local shard folder (or glob) `shards`."""
-    path = Path(shards)
-    folder = path if path.is_dir() else path.parent
-    return folder.parent / "manifest.json"
-
-
-def prepared_modality(shards: str, name: str) -> ModalityConfig:
-    """The adapter config `selfflow prepare` used for modality `name` of the shards at `shards` (a local
-    folder, glob or brace pattern, or http(s) URLs: the manifest is read beside the modality's folder)."""
-    found = read_manifest(shards)
-    if found is None:
-        raise FileNotFoundError(
-            f"no manifest.json beside {shards}: the autoencoder of these shards is unknown (is it `selfflow "
-            f"prepare` output?); without one, set modalities.{name}.timesteps.distribution explicitly"
-        )
-    where, manifest = found
-    entry = manifest.get("modalities", {}).get(name)
-    if entry is None or "modality" not in entry:
-        raise ValueError(f"{where} records no modality {name!r}")
-    return ModalityConfig(**entry["modality"])
 
 
 def raw_modality(name: str, channels: int) -> ModalityConfig:

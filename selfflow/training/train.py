@@ -31,14 +31,13 @@ from selfflow.backbone.mmdit import MMDiTConfig
 from selfflow.backbone.sit import SiTConfig
 from selfflow.backbone.trunk import build_trunk
 from selfflow.data.batch import mix_seed
-from selfflow.data.loader import LatentStream, LoaderConfig, read_manifest, shard_list
+from selfflow.data.loader import LatentStream, LoaderConfig, prepared_modality, read_manifest, shard_list
 from selfflow.data.synthetic import SyntheticConfig, SyntheticLatents, SyntheticStream
 from selfflow.flow.paths import AUTO, TimestepConfig
 from selfflow.modalities.builder import build_modality, timestep_distribution
 from selfflow.training.latent_space import (
     REPA_MODALITIES,
     RepaTarget,
-    prepared_modality,
     raw_modality,
     repa_targets,
 )
@@ -145,14 +144,10 @@ def take_data_dims(model: MMDiTConfig, modalities: dict[str, MixConfig]) -> None
         found = read_manifest(mix.shards) if mix.shards else None
         if found is None:
             continue
-        where, manifest = found
-        try:
-            width = (manifest.get("modalities", {}).get(name) or {}).get("token_dim")
-        except AttributeError as err:
-            raise ValueError(f"{where}: not a `selfflow prepare` manifest ({err})") from err
+        width = (found[1].get("modalities", {}).get(name) or {}).get("token_dim")
         if width:
             model.modalities[name] = [int(width), int(width)]
-        text = text or manifest.get("text")
+        text = text or found[1].get("text")
     if not text or not model.context_dim:
         return
     if text.get("vocab_size"):  # sentencepiece ids, embedded by the trunk's learned token table
