@@ -16,7 +16,7 @@ media. Class-conditional models take `label=` instead of (or besides) a prompt.
 """
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +33,11 @@ from selfflow.modalities.builder import ModalityConfig, build_modality
 from selfflow.modalities.text import HFTextEncoder, SentencePieceTokenizer, TextConfig
 
 FORMAT = "selfflow-model-1"
+
+
+def default_sampler() -> SamplerConfig:
+    """Euler, 50 steps, no guidance: the settings `selfflow eval` reports by default."""
+    return SamplerConfig(kind="euler", num_steps=50, cfg_scale=1.0)
 
 
 class SelfFlowPipeline:
@@ -112,7 +117,7 @@ class SelfFlowPipeline:
         label: int | None = None,
     ) -> Tensor:
         """`num_samples` media for one prompt (or one per prompt of a list), decoded, in [-1, 1]."""
-        sampler = sampler or SamplerConfig(kind="euler", num_steps=50, cfg_scale=1.0)
+        sampler = sampler or default_sampler()
         if isinstance(self.model, SiT):
             return self._sit(modality, num_samples, sampler, seed, label)
         prompts = [prompt] * num_samples if isinstance(prompt, str) or prompt is None else list(prompt)
@@ -166,7 +171,7 @@ class GenerateConfig:
     num_samples: int = 1
     seed: int = 0  # sample i is seeded by (seed, i)
     # Euler 50 steps without guidance: the settings `selfflow eval` reports; cfg_scale > 1 guides
-    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(kind="euler", num_steps=50, cfg_scale=1.0))
+    sampler: SamplerConfig = field(default_factory=default_sampler)
     out_dir: str = "outputs/generate"
     autoencoders: dict[str, str] = field(default_factory=dict)  # modality -> local autoencoder folder (elsewhere)
     device: str = "cpu"
@@ -181,8 +186,6 @@ class GenerateConfig:
 
 def run_generate(cfg: GenerateConfig) -> list[Path]:
     """Sample and write PNG / MP4 / WAV files with a JSON sidecar each (prompt, sampler, steps, CFG, seed)."""
-    from dataclasses import asdict
-
     import numpy as np
     from PIL import Image, PngImagePlugin
 

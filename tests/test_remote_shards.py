@@ -14,7 +14,6 @@ from webdataset import TarWriter
 
 from selfflow.data.loader import LatentStream, LoaderConfig, prepared_modality, read_manifest, shard_list
 
-
 TRUNCATED = "latent-000001.tar"
 
 
