@@ -30,6 +30,35 @@ def launch(
     return proc
 
 
+def launch_two_nodes(run_dir: Path, *overrides: str, config: Path = TINY) -> list[subprocess.CompletedProcess]:
+    """`selfflow train` as two torchrun "nodes" of one process each on this machine: `--nnodes 2
+    --node-rank 0/1` with a static rendezvous on 127.0.0.1 (gloo), as a two-node SLURM job launches it
+    with real hostnames. Both are started together and waited for."""
+    port = free_port()
+    cli = ["-m", "selfflow.cli", "train", "--config", str(config), f"run_dir={run_dir}", *overrides]
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DS_ACCELERATOR": "cpu"}
+    procs = []
+    for node in (0, 1):
+        node_args = ["--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1"]
+        node_args += ["--master-addr", "127.0.0.1", "--master-port", str(port)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", *node_args, *cli]
+        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+        procs.append(subprocess.Popen(cmd, **pipes, text=True, env=env, cwd=REPO))
+    done = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=600)
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for node, proc in enumerate(done):
+        if proc.returncode != 0:
+            raise AssertionError(f"node {node} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return done
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

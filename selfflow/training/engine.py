@@ -1,5 +1,5 @@
 """The one file that knows DeepSpeed (and training's only torch.distributed user): processes, collectives,
-the engine, the EMA.
+the engine, the EMA, conversion of a checkpoint for another number of processes (`to_universal`).
 
 Everything ZeRO-specific lives here (stages, partitioned parameters, gathering, how DeepSpeed
 writes and reads its checkpoint files); the run loop (`run.py`) sees an `Engine` with
@@ -220,8 +220,11 @@ def restricted_unpickling() -> Iterator[None]:
     """Every `torch.load` inside (DeepSpeed's included) uses the weights-only unpickler."""
     previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"  # wins over a caller's request for full unpickling
+    # only the classes not admitted yet: leaving a nested use (DeepSpeed's file reads inside a load)
+    # must not take back what the outer one admitted
+    admitted = set(torch.serialization.get_safe_globals())
     try:
-        with torch.serialization.safe_globals(deepspeed_globals()):
+        with torch.serialization.safe_globals([g for g in deepspeed_globals() if g not in admitted]):
             yield
     except pickle.UnpicklingError as err:
         raise ValueError(f"refusing to unpickle a checkpoint file: {unpickling_reason(err)}") from err
@@ -416,12 +419,52 @@ class Engine:
         self.ds.save_checkpoint(str(folder.parent), tag=folder.name, client_state=client_state, save_latest=False)
         return self.files.errors
 
-    def load(self, folder: Path) -> None:
-        """Model and optimizer from `folder` (collective; only after its files were verified)."""
-        with restricted_unpickling():
-            path, _ = self.ds.load_checkpoint(str(folder.parent), tag=folder.name, load_lr_scheduler_states=False)
+    def load(self, folder: Path, universal: bool = False) -> None:
+        """Model and optimizer from `folder` (collective; only after its files were verified).
+
+        `universal`: `folder` is DeepSpeed's universal checkpoint (`to_universal`) of a checkpoint
+        saved by another number of processes; each rank takes its partition of every parameter's
+        fp32 weights and Adam moments from it."""
+        config = self.ds._config
+        config.load_universal_checkpoint = universal
+        try:
+            with restricted_unpickling():
+                path, _ = self.ds.load_checkpoint(str(folder.parent), tag=folder.name, load_lr_scheduler_states=False)
+        finally:
+            config.load_universal_checkpoint = False
         if path is None:
             raise ValueError(f"checkpoint {folder} could not be loaded by DeepSpeed")
+        if universal:
+            # DeepSpeed's ZeRO-3 universal load gives every flat parameter group one shared `step`
+            # tensor, which torch's Adam increments in place once per group: the second group would
+            # take its next step with the bias correction of step + 2. One tensor per group again.
+            for state in self.ds.optimizer.optimizer.state.values():
+                if isinstance(state.get("step"), Tensor):
+                    state["step"] = state["step"].clone()
+
+
+def to_universal(folder: Path, out: Path) -> None:
+    """Write DeepSpeed's universal checkpoint of the ZeRO 1-3 checkpoint `folder` (saved by any number
+    of processes) to `out`: every parameter's full fp32 weights and Adam moments, from which a job of
+    any size takes its partitions. One process, no process group needed; files are read through
+    the weights-only unpickler; DeepSpeed's own progress output is kept out of the job's log."""
+    import argparse
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(
+        input_folder=str(folder),
+        output_folder=str(out),
+        num_extract_workers=1,  # in this process (DeepSpeed forks a pool for more)
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # our checkpoints carry no Megatron-style universal-checkpoint info
+    )
+    with restricted_unpickling(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+        ds_to_universal.main(args)
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,11 +26,17 @@ Rules (README "What happens when things go wrong"):
   as they were) and stops after `max_skips_in_a_row` such steps in a row.
 - DeepSpeed files are unpickled only after their sha256 matched, and then only by the
   weights-only unpickler (`engine.restricted_unpickling`).
+- A checkpoint saved by another number of processes (ZeRO 1-3) is converted once by rank 0 to
+  DeepSpeed's universal format (`checkpoints/universal/<step>`, removed after the load) and every
+  rank takes its partitions of weights and Adam moments from it; ZeRO-0 files are whole and load
+  as they are. Each rank's data streams and noise follow its new rank (README "Resume at another
+  world size").
 """
 
 import json
 import math
 import os
+import shutil
 import signal
 import time
 import uuid
@@ -63,6 +69,7 @@ from selfflow.training.engine import (
     init_distributed,
     max_over_ranks,
     shutdown,
+    to_universal,
     write_error,
 )
 from selfflow.training.objective import LossTerms
@@ -481,19 +488,31 @@ def resume(job: Run) -> TrainState:
     for name in names:
         folder = checkpoints.checkpoint_root(job.run_dir) / name
         reasons = all_gather(usable(job, folder))
+        manifest = checkpoints.read_manifest(folder) if info.rank == 0 and not any(reasons) else {}
+        saved_world = broadcast(manifest.get("world_size", info.world))
+        source, failure = folder, None
+        if not any(reasons) and saved_world != info.world and job.cfg.deepspeed.zero_stage > 0:
+            source, failure = universal_copy(job, folder)  # collective: every rank gets rank 0's outcome
+            reasons = [failure] if failure else reasons
         if not any(reasons):
             try:
-                state, failure = load(job, folder), None
+                state, failure = load(job, folder, source), None
             except Exception as err:
                 state, failure = None, f"{type(err).__name__}: {err}"
-            reasons = all_gather(failure)
+            reasons = all_gather(failure)  # also: every rank is done reading `source`
+        if source != folder and info.rank == 0:
+            shutil.rmtree(source, ignore_errors=True)  # derived from the checkpoint, which stays
         if any(reasons):
             refused[name] = join_reasons(reasons)
             if info.rank == 0:
                 tqdm.write(f"refusing checkpoint {folder}: {refused[name]}")
             continue
+        barrier()
         if info.rank == 0:
-            tqdm.write(f"resumed from {folder} at step {state.step}")
+            moved = (
+                f" (saved by {saved_world} processes, continued by {info.world})" if saved_world != info.world else ""
+            )
+            tqdm.write(f"resumed from {folder} at step {state.step}{moved}")
             settle(job, folder, state, refused)
         barrier()
         return state
@@ -510,13 +529,11 @@ def resume(job: Run) -> TrainState:
 
 
 def usable(job: Run, folder: Path) -> str | None:
-    """Why this rank cannot resume from `folder` (None: it can): files, world size, stage, shapes."""
+    """Why this rank cannot resume from `folder` (None: it can): files, ZeRO stage, shapes."""
     try:
         manifest = checkpoints.verify(folder, job.info.rank)
     except (ValueError, OSError) as err:
         return str(err)
-    if manifest.get("world_size") != job.info.world:
-        return f"saved by {manifest.get('world_size')} processes, this job has {job.info.world}"
     if manifest.get("zero_stage") != job.cfg.deepspeed.zero_stage:
         return f"saved with ZeRO stage {manifest.get('zero_stage')}, this job uses {job.cfg.deepspeed.zero_stage}"
     return shape_mismatch(folder / "ema.safetensors", job.engine.param_shapes())
@@ -537,8 +554,27 @@ def shape_mismatch(path: Path, shapes: dict[str, tuple[int, ...]]) -> str | None
     return None
 
 
-def load(job: Run, folder: Path) -> TrainState:
-    job.engine.load(folder)
+def universal_copy(job: Run, folder: Path) -> tuple[Path, str | None]:
+    """Rank 0 checks every rank's files of `folder` and converts it to DeepSpeed's universal
+    checkpoint under `checkpoints/universal/`; returns its path and, on every rank, why that failed."""
+    target = checkpoints.checkpoint_root(job.run_dir) / "universal" / folder.name
+    failure = None
+    if job.info.rank == 0:
+        saved = checkpoints.read_manifest(folder)["world_size"]
+        tqdm.write(f"{folder} was saved by {saved} processes: converting it for {job.info.world} -> {target}")
+        try:
+            checkpoints.verify(folder)  # the files of every saving rank, not only rank 0's own
+            if target.exists():  # a conversion that did not finish
+                shutil.rmtree(target)
+            to_universal(folder, target)
+        except Exception as err:
+            failure = f"could not convert it for {job.info.world} processes: {type(err).__name__}: {err}"
+    return target, broadcast(failure)
+
+
+def load(job: Run, folder: Path, source: Path) -> TrainState:
+    """Model and optimizer from `source` (`folder` itself, or its universal copy), EMA and state from `folder`."""
+    job.engine.load(source, universal=source != folder)
     job.ema.load(folder / "ema.safetensors")
     saved = checkpoints.read_state(folder)
     known = {f.name for f in fields(TrainState)}
