@@ -39,17 +39,18 @@ class PretrainConfig(TrainConfig):
 
 
 def periodic_eval(cfg: EvalConfig) -> Callable[[Run, int], None]:
-    """Evaluate the EMA weights on rank 0 into run_dir/evals/step_<step>, metrics to MLflow (`eval/...`).
+    """Evaluate the EMA weights into run_dir/evals/step_<step>, metrics to MLflow (`eval/...`).
 
-    Every rank enters the gather (ZeRO-3 assembles the teacher's weights collectively); the loop
-    waits for rank 0 and stops every rank if the evaluation failed.
+    Every rank enters the gather (ZeRO-3 assembles the teacher's weights collectively) and samples and
+    embeds its share of the items; rank 0 computes the numbers and writes them. A failure on any rank
+    stops every rank with it.
     """
 
     def evaluate_ema(job: Run, step: int) -> None:
         with job.ema.gathered() as model:
+            out = job.run_dir / "evals" / f"step_{step:07d}"
+            result = evaluate(model, cfg, out, step)
             if job.info.rank == 0:
-                out = job.run_dir / "evals" / f"step_{step:07d}"
-                result = evaluate(model, cfg, out, step)
                 write_eval(result, {"path": str(job.run_dir), "step": step, "weights": "ema"}, out)
                 metrics = result["metrics"].items()
                 job.tracker.log_metrics({f"eval/{m}/{k}": v for m, ms in metrics for k, v in flat(ms).items()}, step)

@@ -3,12 +3,15 @@ train -> periodic eval -> export -> eval -> report path, and what lands in MLflo
 
 import base64
 import json
-from dataclasses import replace
+import subprocess
+import sys
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from mlflow_server import free_port
 from PIL import Image
 from train_runs import REPO, launch
 
@@ -105,7 +108,8 @@ def test_train_eval_report_end_to_end(data, tmp_path):
         "eval.guided_cfg=2.0",
     ]
     shards = [f"modalities.{m}.shards={data / 'lat' / m}" for m in MODALITIES]
-    launch(1, run, "steps=3", "save_every=3", *shards, *eval_keys, config=REPO / "configs/train/tiny_synth.yaml")
+    # two processes: the periodic evaluation splits the items between them, the final one runs alone
+    launch(2, run, "steps=3", "save_every=3", *shards, *eval_keys, config=REPO / "configs/train/tiny_synth.yaml")
 
     periodic = json.loads((run / "evals" / "step_0000003" / "eval.json").read_text())
     assert periodic["step"] == 3 and set(periodic["metrics"]) == set(MODALITIES)
@@ -281,3 +285,53 @@ def test_noised_probe_uses_fixed_noise_at_each_level(data, tmp_path):
     assert flat(metrics)["linear_probe_t0.5"] == probes["linear_probe_t0.5"]["accuracy"]
     with pytest.raises(ValueError, match="probe_noise_levels"):
         replace(cfg, probe_noise_levels=[0.5, 1.0])
+
+
+def test_two_processes_evaluate_their_shares_to_the_one_process_numbers(data, tmp_path):
+    """`selfflow eval` under torchrun: each of 2 processes samples, decodes and embeds half of the items;
+    the merged built-in FD, caption accuracy, FVD and the Inception metrics (random weights: precision,
+    recall, KID and IS need every item's features) equal one process's, and the media are the same."""
+    from safetensors.torch import save_file
+
+    from selfflow.eval.inception import InceptionV3
+
+    model = tiny_model()
+    export = tmp_path / "tiny.safetensors"
+    meta = {"format": "selfflow-export-1", "model_config": json.dumps(asdict(model.cfg)), "step": "0"}
+    save_file(model.state_dict(), str(export), metadata={**meta, "weights": "ema"})
+    torch.manual_seed(0)
+    inception = tmp_path / "inception.pth"
+    torch.save(
+        {k: v for k, v in InceptionV3().state_dict().items() if not k.endswith("num_batches_tracked")}, inception
+    )
+    keys = [f"checkpoint={export}", "device=cpu", f"eval.data={data / 'lat'}", f"eval.feature_nets={data / 'nets'}"]
+    keys += ["eval.num_samples=4", "eval.batch_size=2", "eval.sampler.num_steps=2", "eval.save_media=3"]
+    keys += [f"eval.inception={inception}"]
+    assert main(["eval", *keys, f"out_dir={tmp_path / 'one'}"]) == 0
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+    ]
+    cmd = [*launcher, "-m", "selfflow.cli", "eval", *keys, f"out_dir={tmp_path / 'two'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one, two = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("one", "two"))
+    assert one["protocol"]["processes"] == 1 and two["protocol"]["processes"] == 2
+    for name in MODALITIES:
+        numbers = {k: v for k, v in flat(one["metrics"][name]).items() if k != "seconds"}
+        assert {"fd_builtin", "caption_accuracy", "caption_accuracy_real"} <= set(numbers)
+        for key, value in numbers.items():
+            assert flat(two["metrics"][name])[key] == pytest.approx(value, rel=1e-5, abs=1e-8), (name, key)
+    assert {"fid", "sfid", "precision", "recall", "kid", "inception_score"} <= set(one["metrics"]["image"])
+    assert "fvd" in one["metrics"]["video"] and "fid_frames" in one["metrics"]["video"]
+    assert one["weights_sha256"] == two["weights_sha256"]
+    for path in ("samples/image_grid.png", "samples/real_image_grid.png", "samples/video_002.gif"):
+        assert (tmp_path / "one" / path).read_bytes() == (tmp_path / "two" / path).read_bytes(), path
+    assert not (
+        tmp_path / "two" / "samples" / "video_003.gif"
+    ).exists()  # save_media=3: items 0, 1 (rank 0), 2 (rank 1)

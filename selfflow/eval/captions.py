@@ -422,28 +422,39 @@ def caption_accuracy(modality: str, items, sample_rate: int | None = None) -> di
     that state the attribute and show it), `checked` (how many items state it), `overall` (the mean of
     the per-attribute accuracies), `all_correct` (fraction of items showing every attribute) and `count`.
     """
+    return summarise(modality, caption_scores(modality, items, sample_rate))
+
+
+def caption_scores(modality: str, items, sample_rate: int | None = None) -> list[dict[str, bool]]:
+    """For each `(media, attributes)` item, whether the media shows each attribute it states (scores of
+    several processes' items concatenate, and `summarise` of them equals `caption_accuracy` of all)."""
     if modality not in ("image", "video", "audio"):
         raise ValueError(f"unknown modality {modality!r} (image, video or audio)")
-    hits: dict[str, list[bool]] = {}
-    every = []
+    scores = []
     for media, attrs in items:
         if modality == "image":
-            scores = score_image(media, attrs)
+            scores.append(score_image(media, attrs))
         elif modality == "video":
-            scores = score_video(media, attrs)
+            scores.append(score_video(media, attrs))
         else:
-            scores = score_audio(media, sample_rate or attrs["sample_rate"], attrs)
-        for name, hit in scores.items():
-            hits.setdefault(name, []).append(hit)
-        every.append(all(scores.values()))
-    if not every:
+            scores.append(score_audio(media, sample_rate or attrs["sample_rate"], attrs))
+    return scores
+
+
+def summarise(modality: str, scores: list[dict[str, bool]]) -> dict:
+    """`caption_accuracy`'s numbers from per-item `caption_scores`."""
+    if not scores:
         raise ValueError(f"caption_accuracy: no {modality} items to score")
+    hits: dict[str, list[bool]] = {}
+    for item in scores:
+        for name, hit in item.items():
+            hits.setdefault(name, []).append(hit)
     per_attribute = {name: float(np.mean(v)) for name, v in sorted(hits.items())}
     return {
         "modality": modality,
-        "count": len(every),
+        "count": len(scores),
         "per_attribute": per_attribute,
         "checked": {name: len(v) for name, v in sorted(hits.items())},
         "overall": float(np.mean(list(per_attribute.values()))),
-        "all_correct": float(np.mean(every)),
+        "all_correct": float(np.mean([all(item.values()) for item in scores])),
     }

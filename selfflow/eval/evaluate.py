@@ -55,6 +55,8 @@ from selfflow.eval.builtin_features import load_feature_net, train_feature_net
 from selfflow.eval.generate import EvalSet, data_modality, decode, generate, read_eval_set
 from selfflow.eval.metrics import FeatureStats
 from selfflow.eval.probe import linear_probes
+from selfflow.eval.ranks import barrier, joined, rank_world, share, together
+from selfflow.eval.standard import StandardNets
 from selfflow.files import file_sha256
 from selfflow.flow.samplers import SamplerConfig
 
@@ -114,16 +116,22 @@ class EvalJobConfig:
 
 
 def run_eval(cfg: EvalJobConfig) -> Path:
-    """Evaluate `cfg.checkpoint`; returns the path of the JSON written."""
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, meta = load_export(cfg.checkpoint)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    step = int(meta.get("step", -1))
-    checkpoint = {"path": cfg.checkpoint, "step": step, "weights": meta.get("weights")}
-    checkpoint["sha256"] = file_sha256(cfg.checkpoint)
-    return write_eval(evaluate(model.to(device), cfg.eval, out, step), checkpoint, out)
+    """Evaluate `cfg.checkpoint`; returns the path of the JSON written (by rank 0; under torchrun /
+    srun every process samples and embeds its share of the items)."""
+    with joined(cfg.device) as (rank, _, device):
+        model, meta = load_export(cfg.checkpoint)
+        out = Path(cfg.out_dir)
+        step = int(meta.get("step", -1))
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / "config.yaml")
+        result = evaluate(model.to(device), cfg.eval, out, step)
+        if rank == 0:
+            checkpoint = {"path": cfg.checkpoint, "step": step, "weights": meta.get("weights")}
+            checkpoint["sha256"] = file_sha256(cfg.checkpoint)
+            write_eval(result, checkpoint, out)
+        barrier()
+    return out / "eval.json"
 
 
 def write_eval(result: dict, checkpoint: dict, out: Path) -> Path:
@@ -132,36 +140,56 @@ def write_eval(result: dict, checkpoint: dict, out: Path) -> Path:
     return path
 
 
-def evaluate(model: MMDiT, cfg: EvalConfig, out: Path, step: int) -> dict:
-    """Every metric of every shared modality; sample files go under `out/samples`."""
+def evaluate(model: MMDiT, cfg: EvalConfig, out: Path, step: int) -> dict | None:
+    """Every metric of every shared modality; sample files go under `out/samples`.
+
+    Inside a process group (`selfflow eval` under torchrun / srun, or training's ranks) every rank
+    samples, decodes and embeds its contiguous share of the items (`ranks.share`); rank 0 computes the
+    numbers from everyone's features, writes the media and returns the result, the other ranks None.
+    Sample i depends on (seed, i) alone, so the numbers equal one process's up to float round-off (a
+    batch of other items can change the summation order of a kernel)."""
+    rank, world = rank_world()
+    if cfg.num_samples < world:
+        raise ValueError(f"eval.num_samples ({cfg.num_samples}) must be at least the number of processes ({world})")
     names = [m for m in cfg.modalities if m in model.cfg.modalities and (Path(cfg.data) / m).is_dir()]
     if not names:
         raise ValueError(f"no modality of {cfg.modalities} is both in the model and in {cfg.data}")
-    result = {"step": step, "protocol": protocol(cfg), "metrics": {}, "weights_sha256": {}, "media": {}}
+    result = {"step": step, "protocol": {**protocol(cfg), "processes": world}, "metrics": {}, "weights_sha256": {}}
+    result["media"] = {}
     for name in names:
         start = time.perf_counter()
         items = read_eval_set(cfg.data, name, cfg.num_samples)
         modality = data_modality(cfg.data, name)
-        real, rate = decode(modality, items.x0, items), modality_rate(cfg, name)
-        reference = {}  # the real items' statistics, computed by the first set and reused by the second
-        fake = decode(modality, generate(model.eval(), items, cfg.sampler, cfg.seed, cfg.batch_size), items)
-        metrics, weights = score(name, fake, real, items, cfg, rate, reference)
-        if "caption_accuracy_real" in reference:
-            metrics["caption_accuracy_real"] = reference["caption_accuracy_real"]
-        result["media"][name] = save_samples(name, fake, items, out / "samples", cfg)
-        result["media"][name][REAL] = save_samples(name, real, items, out / "samples", cfg, prefix="real_")
-        if cfg.guided_cfg:
-            guided = decode(modality, generate(model, items, guided_sampler(cfg), cfg.seed, cfg.batch_size), items)
-            metrics[GUIDED], _ = score(name, guided, real, items, cfg, rate, reference)
-            result["media"][name][GUIDED] = save_samples(name, guided, items, out / "samples", cfg, prefix="guided_")
-        if cfg.probe_layer:
+        mine = share(len(items.keys), rank, world)
+        scorer = Scorer(name, items, cfg)
+        real = scorer.gathered(decode(modality, items.x0[mine.start : mine.stop], items), mine)
+        sets = {"": cfg.sampler, **({GUIDED: guided_sampler(cfg)} if cfg.guided_cfg else {})}
+        metrics, files = {}, {}
+        for key, sampler in sets.items():
+            tokens = generate(model.eval(), items, sampler, cfg.seed, cfg.batch_size, indices=mine)
+            fake = scorer.gathered(decode(modality, tokens, items), mine)
+            if rank == 0:
+                scores = scorer.scores(real, fake)
+                if key:
+                    metrics[key] = scores
+                else:
+                    metrics.update(scores, **scorer.real_scores(real))
+                files[key] = save_samples(
+                    name, fake["media"], items, out / "samples", cfg, prefix=f"{key}_" if key else ""
+                )
+        if rank != 0:
+            continue
+        result["media"][name] = files.pop("")
+        result["media"][name][REAL] = save_samples(name, real["media"], items, out / "samples", cfg, prefix="real_")
+        result["media"][name].update(files)
+        if cfg.probe_layer:  # no sampling: rank 0 alone
             levels = cfg.probe_noise_levels
             metrics.update(linear_probes(model, cfg.data, name, cfg.probe_layer, cfg.probe_items, levels, cfg.seed))
         metrics["seconds"] = time.perf_counter() - start
         result["metrics"][name] = metrics
-        result["weights_sha256"].update(weights)
+        result["weights_sha256"].update(scorer.weights)
         tqdm.write(f"eval {name} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in flat(metrics).items()))
-    return result
+    return result if rank == 0 else None
 
 
 def guided_sampler(cfg: EvalConfig) -> SamplerConfig:
@@ -203,40 +231,6 @@ def protocol(cfg: EvalConfig) -> dict:
     }
 
 
-def score(
-    name: str, fake, real, items: EvalSet, cfg: EvalConfig, sample_rate: int | None, reference: dict
-) -> tuple[dict, dict]:
-    """Metrics of one set of a modality's samples; returns (metrics, {network: sha256}). `reference`
-    holds the real items' built-in and I3D statistics and caption score, filled on first use, so a
-    second set of samples of the same items does not recompute them."""
-    metrics, weights = {}, {}
-    if is_builtin(items):
-        metrics, weights = builtin_metrics(name, fake, real, items, cfg, sample_rate, reference)
-    if name == "video" and cfg.fvd:
-        from selfflow.eval.i3d import WEIGHTS_SHA256
-
-        if "i3d" not in reference:
-            reference["i3d"] = i3d_stats(real)
-        metrics["fvd"] = reference["i3d"].frechet_distance(i3d_stats(fake))
-        weights["i3d_kinetics400"] = WEIGHTS_SHA256
-    if cfg.inception and name in ("image", "video"):
-        from selfflow.eval.standard import inception_metrics
-
-        metrics.update(inception_metrics(cfg.inception, real, fake, name, weights))
-    if name == "image" and (cfg.dinov2 or cfg.clip):
-        from selfflow.eval.standard import clip_score, dinov2_distance
-
-        if cfg.dinov2:
-            metrics["fd_dinov2"] = dinov2_distance(cfg.dinov2, real, fake, weights)
-        if cfg.clip:
-            metrics["clip_score"] = clip_score(cfg.clip, fake, items.captions, weights)
-    if name == "audio" and cfg.clap:
-        from selfflow.eval.standard import clap_distance
-
-        metrics["fad"] = clap_distance(cfg.clap, real, fake, sample_rate, weights)
-    return metrics, weights
-
-
 BUILTIN_KEYS = frozenset({"seed", "index"})  # what `selfflow synth` stores with every item (prepare adds "modality")
 
 
@@ -246,31 +240,90 @@ def is_builtin(items: EvalSet) -> bool:
     return all(a.keys() >= BUILTIN_KEYS for a in items.attributes)
 
 
-def builtin_metrics(name, fake, real, items: EvalSet, cfg: EvalConfig, sample_rate, reference) -> tuple[dict, dict]:
-    """Built-in FD and caption-following accuracy, and the feature net's sha256 (the real items'
-    statistics and score are computed once, into `reference`)."""
-    net = builtin_net(name, cfg)
-    metrics = {}
-    with torch.no_grad():
-        if "builtin" not in reference:
-            reference["builtin"] = FeatureStats(net.cfg.feature_dim).update(batched(net.features, real))
-        fake_stats = FeatureStats(net.cfg.feature_dim).update(batched(net.features, fake))
-    metrics["fd_builtin"] = reference["builtin"].frechet_distance(fake_stats)
-    attrs = [{**a, "sample_rate": sample_rate} if sample_rate else a for a in items.attributes]
-    metrics["caption_accuracy"] = captions.caption_accuracy(name, zip(scorable(name, fake), attrs, strict=True))
-    if "caption_accuracy_real" not in reference:
-        real_items = zip(scorable(name, real), attrs, strict=True)
-        reference["caption_accuracy_real"] = captions.caption_accuracy(name, real_items)
-    return metrics, {f"builtin_{name}": net.sha256}
+class Scorer:
+    """The feature networks of one modality, loaded once on every rank. `gathered` embeds this rank's
+    share of the media and collects every rank's features, caption checks and first `save_media`
+    items, in item order; `scores` computes one set's metrics from them (rank 0).
+
+    Built-in data: FD in the built-in feature net's space and caption accuracy (`captions`); video:
+    FVD from I3D logits; the standard networks whose local weights are configured (`standard`)."""
+
+    def __init__(self, name: str, items: EvalSet, cfg: EvalConfig):
+        self.name, self.items, self.cfg = name, items, cfg
+        self.rate = modality_rate(cfg, name)
+        self.builtin = builtin_net(name, cfg) if is_builtin(items) else None
+        self.i3d = None
+        paths = {"inception": cfg.inception, "dinov2": cfg.dinov2, "clip": cfg.clip, "clap": cfg.clap}
+        self.standard = StandardNets(name, paths, self.rate)
+        self.weights = {f"builtin_{name}": self.builtin.sha256} if self.builtin else {}
+        if name == "video" and cfg.fvd:
+            from selfflow.eval.i3d import WEIGHTS_SHA256, load_i3d
+
+            self.i3d, self.weights["i3d_kinetics400"] = load_i3d(), WEIGHTS_SHA256
+        self.weights.update(self.standard.weights)
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor, mine: range) -> dict:
+        """Per-item features of this rank's media `x` (items `mine`) and the media among the first `save_media`."""
+        out: dict = {"media": x[: max(0, min(self.cfg.save_media, mine.stop) - mine.start)]}
+        if self.builtin is not None:
+            out["builtin"] = batched(self.builtin.features, x)
+            attrs = [self.items.attributes[i] for i in mine]
+            attrs = [{**a, "sample_rate": self.rate} for a in attrs] if self.rate else attrs
+            out["captions"] = captions.caption_scores(self.name, zip(scorable(self.name, x), attrs, strict=True))
+        if self.i3d is not None:
+            from selfflow.eval.i3d import preprocess
+
+            frames = torch.from_numpy(media.to_uint8(x))  # (N, T, H, W, 3) uint8
+            out["i3d"] = torch.cat([self.i3d(preprocess(chunk)) for chunk in frames.split(8)])
+        out.update(self.standard.embed(x, [self.items.captions[i] for i in mine]))
+        return out
+
+    def gathered(self, x: torch.Tensor, mine: range) -> dict:
+        """`embed` of every rank's share, concatenated in item order (on every rank)."""
+        parts = together(lambda: self.embed(x, mine))
+        return {
+            key: torch.cat([p[key] for p in parts])
+            if isinstance(parts[0][key], torch.Tensor)
+            else sum((p[key] for p in parts), [])
+            for key in parts[0]
+        }
+
+    def scores(self, real: dict, fake: dict) -> dict:
+        """One set's metrics from all items' features of the real items and of the samples."""
+        out = {}
+        if self.builtin is not None:
+            out["fd_builtin"] = frechet(real["builtin"], fake["builtin"])
+            out["caption_accuracy"] = captions.summarise(self.name, fake["captions"])
+        if self.i3d is not None:
+            out["fvd"] = frechet(real["i3d"], fake["i3d"])
+        out.update(self.standard.scores(real, fake))
+        return out
+
+    def real_scores(self, real: dict) -> dict:
+        """What depends on the real items alone: the caption check of the real items themselves."""
+        return {"caption_accuracy_real": captions.summarise(self.name, real["captions"])} if "captions" in real else {}
+
+
+def frechet(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """Frechet distance of two sets of features (float64 streaming statistics)."""
+    stats = [FeatureStats(x.shape[1]).update(x) for x in (real, fake)]
+    return stats[0].frechet_distance(stats[1])
 
 
 def builtin_net(name: str, cfg: EvalConfig):
-    """The modality's built-in feature net, trained once from the raw data next to the prepared data."""
+    """The modality's built-in feature net, trained once from the raw data next to the prepared data
+    (by rank 0, while the other ranks wait: they load what it wrote)."""
     path = Path(cfg.feature_nets) / f"{name}.safetensors"
-    if not path.is_file():
-        raw_dir = json.loads((Path(cfg.data) / "manifest.json").read_text())["raw_dir"]
-        tqdm.write(f"training the built-in {name} feature net on {raw_dir}/{name} -> {path}")
-        train_feature_net(name, Path(raw_dir) / name, path)
+    rank, _ = rank_world()
+
+    def train_if_missing() -> None:
+        if rank == 0 and not path.is_file():
+            raw_dir = json.loads((Path(cfg.data) / "manifest.json").read_text())["raw_dir"]
+            tqdm.write(f"training the built-in {name} feature net on {raw_dir}/{name} -> {path}")
+            train_feature_net(name, Path(raw_dir) / name, path)
+
+    together(train_if_missing)
     return load_feature_net(path)
 
 
@@ -283,17 +336,6 @@ def scorable(name: str, x: torch.Tensor) -> list:
     if name == "audio":
         return list(x.numpy())
     return list(media.to_uint8(x))
-
-
-def i3d_stats(x: torch.Tensor) -> FeatureStats:
-    """Statistics of the Kinetics-400 I3D logits of videos `(N, 3, T, H, W)` in [-1, 1] (FVD's features)."""
-    from selfflow.eval.i3d import load_i3d, preprocess
-
-    i3d = load_i3d()
-    frames = torch.from_numpy(media.to_uint8(x))  # (N, T, H, W, 3) uint8
-    with torch.no_grad():
-        feats = torch.cat([i3d(preprocess(chunk)) for chunk in frames.split(8)])
-    return FeatureStats(feats.shape[1]).update(feats)
 
 
 def save_samples(name: str, x: torch.Tensor, items: EvalSet, folder: Path, cfg: EvalConfig, prefix: str = "") -> dict:

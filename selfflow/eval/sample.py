@@ -13,7 +13,6 @@ depend on batch size or on the number of processes. Multi-GPU:
         checkpoint=/ckpt/selfflow_imagenet256.pt vae=/ckpt/sd-vae-ft-ema num_samples=50000
 """
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from selfflow.backbone.checkpoint import load_weights
 from selfflow.backbone.sit import SiT, SiTConfig
 from selfflow.config import save_config
 from selfflow.eval.media import to_uint8
+from selfflow.eval.ranks import barrier, joined
 from selfflow.flow.samplers import PerSampleNoise, SamplerConfig, sample
 from selfflow.modalities.grid import patchify, unpatchify
 from selfflow.progress import progress
@@ -136,47 +136,30 @@ def sample_latents(model: SiT, cfg: SampleConfig, indices: list[int], device: to
 
 def run_sample(cfg: SampleConfig) -> Path:
     """Draw `cfg.num_samples` images into `cfg.out_dir`; returns the `.npz` path (rank 0)."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = _device(cfg.device, rank)
-    distributed = world > 1
-    if distributed:
-        import torch.distributed as dist
+    with joined(cfg.device) as (rank, world, device):
+        out = Path(cfg.out_dir)
+        png_dir = out / "png"
+        png_dir.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            save_config(cfg, out / "config.yaml")
+        model = build_model(cfg, device)
+        vae = load_vae(cfg.vae, device) if cfg.vae else None
 
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    out = Path(cfg.out_dir)
-    png_dir = out / "png"
-    png_dir.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        save_config(cfg, out / "config.yaml")
-    model = build_model(cfg, device)
-    vae = load_vae(cfg.vae, device) if cfg.vae else None
+        mine = list(range(rank, cfg.num_samples, world))
+        batches = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+        for indices in progress(batches, desc=f"sampling (rank {rank})", disable=rank != 0):
+            for i, image in zip(indices, sample_batch(model, vae, cfg, indices, device), strict=True):
+                Image.fromarray(image).save(png_dir / f"{i:06d}.png")
 
-    mine = list(range(rank, cfg.num_samples, world))
-    batches = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
-    for indices in progress(batches, desc=f"sampling (rank {rank})", disable=rank != 0):
-        for i, image in zip(indices, sample_batch(model, vae, cfg, indices, device), strict=True):
-            Image.fromarray(image).save(png_dir / f"{i:06d}.png")
-
-    if distributed:
-        dist.barrier()
-    npz = out / f"samples_{cfg.num_samples}.npz"
-    if rank == 0:
-        arr = np.stack([np.asarray(Image.open(png_dir / f"{i:06d}.png")) for i in range(cfg.num_samples)])
-        np.savez(npz, arr_0=arr)
-        tqdm.write(f"wrote {len(arr)} samples to {png_dir} and {npz} (shape {arr.shape})")
-        if not cfg.save_png:
-            for i in range(cfg.num_samples):
-                (png_dir / f"{i:06d}.png").unlink()
-            png_dir.rmdir()
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
+        barrier()
+        npz = out / f"samples_{cfg.num_samples}.npz"
+        if rank == 0:
+            arr = np.stack([np.asarray(Image.open(png_dir / f"{i:06d}.png")) for i in range(cfg.num_samples)])
+            np.savez(npz, arr_0=arr)
+            tqdm.write(f"wrote {len(arr)} samples to {png_dir} and {npz} (shape {arr.shape})")
+            if not cfg.save_png:
+                for i in range(cfg.num_samples):
+                    (png_dir / f"{i:06d}.png").unlink()
+                png_dir.rmdir()
+        barrier()
     return npz
-
-
-def _device(name: str, rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
-    return torch.device(name)

@@ -1,12 +1,14 @@
 """Metrics through the standard networks (local weights only), for `selfflow eval`.
 
-Each function loads its network from a local path, records the weights' sha256 into `weights`,
-and returns numbers computed with `selfflow.eval.metrics` (float64 Frechet distances):
+`StandardNets` loads the networks whose local paths are given, once, and records their weights'
+sha256. `embed` turns one process's media into per-item features (under several processes each
+embeds its share and the shares are concatenated in item order); `scores` computes the numbers from
+everyone's features with `selfflow.eval.metrics` (float64 Frechet distances):
 
-    inception_metrics   image: FID, sFID, IS, precision / recall (k = 3), KID; video: frame-wise FID
-    dinov2_distance     FD-DINO (CLS embeddings of DINOv2)
-    clip_score          100 * cos(image, caption) of CLIP, clamped at 0, averaged
-    clap_distance       FAD of CLAP audio embeddings
+    inception     image: FID, sFID, IS, precision / recall (k = 3), KID; video: frame-wise FID
+    dinov2        FD-DINO (CLS embeddings of DINOv2)
+    clip          CLIP score: 100 * cos(image, caption), clamped at 0, averaged
+    clap          FAD of CLAP audio embeddings
 
 Media come in as `selfflow eval` decodes them: images `(N, 3, H, W)`, videos `(N, 3, T, H, W)` in
 [-1, 1]; audio `(N, C, S)`.
@@ -19,64 +21,80 @@ from selfflow.eval import metrics
 from selfflow.eval.media import to_uint8
 
 
-def _frames(x: Tensor, name: str):
+def _frames(x: Tensor):
     """uint8 NHWC pictures: the images, or every frame of every video."""
     pictures = to_uint8(x)  # (N, H, W, 3) or (N, T, H, W, 3)
     return pictures.reshape(-1, *pictures.shape[-3:])
 
 
-def _stats(features: Tensor) -> metrics.FeatureStats:
-    return metrics.FeatureStats(features.shape[1]).update(features)
+def _fd(real: Tensor, fake: Tensor) -> float:
+    stats = [metrics.FeatureStats(x.shape[1]).update(x) for x in (real, fake)]
+    return stats[0].frechet_distance(stats[1])
 
 
-def inception_metrics(path: str, real: Tensor, fake: Tensor, name: str, weights: dict) -> dict:
-    from selfflow.eval.inception import load_inception
+class StandardNets:
+    """The standard networks configured for one modality (`paths`: inception, dinov2, clip, clap ->
+    local path or None), loaded on construction; `weights` maps each to its sha256."""
 
-    net = load_inception(path)
-    weights["inception"] = net.sha256
-    feats = []
-    for x in (real, fake):
-        pictures = _frames(x, name)
-        parts = [net.embed(pictures[i : i + 64]) for i in range(0, len(pictures), 64)]
-        feats.append({k: torch.cat([getattr(p, k) for p in parts]) for k in ("pool", "spatial", "logits")})
-    real_f, fake_f = feats
-    if name == "video":
-        return {"fid_frames": _stats(real_f["pool"]).frechet_distance(_stats(fake_f["pool"]))}
-    precision, recall = metrics.precision_recall(real_f["pool"], fake_f["pool"], k=3)
-    subset = min(1000, len(real_f["pool"]), len(fake_f["pool"]))
-    kid, _ = metrics.kernel_inception_distance(real_f["pool"], fake_f["pool"], subset_size=subset, subsets=100)
-    inception_score, _ = metrics.inception_score(fake_f["logits"], splits=min(10, len(fake_f["logits"])))
-    return {
-        "fid": _stats(real_f["pool"]).frechet_distance(_stats(fake_f["pool"])),
-        "sfid": _stats(real_f["spatial"]).frechet_distance(_stats(fake_f["spatial"])),
-        "inception_score": inception_score,
-        "precision": precision,
-        "recall": recall,
-        "kid": kid,
-    }
+    def __init__(self, name: str, paths: dict[str, str | None], sample_rate: int | None = None):
+        self.name, self.sample_rate, self.nets, self.weights = name, sample_rate, {}, {}
+        wanted = {"image": ("inception", "dinov2", "clip"), "video": ("inception",), "audio": ("clap",)}[name]
+        for kind in wanted:
+            if paths.get(kind):
+                self.nets[kind] = _load(kind, paths[kind])
+                self.weights[kind] = self.nets[kind].sha256
+
+    def embed(self, x: Tensor, captions: list[str] | None = None) -> dict[str, Tensor]:
+        """Per-item features of media `x` (with `captions`: also CLIP's caption embeddings)."""
+        out = {}
+        if "inception" in self.nets:
+            pictures = _frames(x)
+            parts = [self.nets["inception"].embed(pictures[i : i + 64]) for i in range(0, len(pictures), 64)]
+            for key in ("pool", "spatial", "logits"):
+                out[f"inception_{key}"] = torch.cat([getattr(p, key) for p in parts]) if parts else torch.empty(0)
+        if "dinov2" in self.nets:
+            out["dinov2"] = self.nets["dinov2"].embed(to_uint8(x))
+        if "clip" in self.nets and captions is not None:
+            out["clip_image"] = self.nets["clip"].embed(to_uint8(x))
+            out["clip_text"] = self.nets["clip"].embed_text(captions[: len(x)])
+        if "clap" in self.nets:
+            out["clap"] = self.nets["clap"].embed(list(x.mean(dim=1)), self.sample_rate)
+        return out
+
+    def scores(self, real: dict[str, Tensor], fake: dict[str, Tensor]) -> dict[str, float]:
+        """The metrics from all items' features of the real items and of the samples."""
+        out = {}
+        if "inception" in self.nets and self.name == "video":
+            out["fid_frames"] = _fd(real["inception_pool"], fake["inception_pool"])
+        elif "inception" in self.nets:
+            pool_r, pool_f = real["inception_pool"], fake["inception_pool"]
+            precision, recall = metrics.precision_recall(pool_r, pool_f, k=3)
+            subset = min(1000, len(pool_r), len(pool_f))
+            kid, _ = metrics.kernel_inception_distance(pool_r, pool_f, subset_size=subset, subsets=100)
+            logits = fake["inception_logits"]
+            inception_score, _ = metrics.inception_score(logits, splits=min(10, len(logits)))
+            out.update(
+                fid=_fd(pool_r, pool_f),
+                sfid=_fd(real["inception_spatial"], fake["inception_spatial"]),
+                inception_score=inception_score,
+                precision=precision,
+                recall=recall,
+                kid=kid,
+            )
+        if "dinov2" in self.nets:
+            out["fd_dinov2"] = _fd(real["dinov2"], fake["dinov2"])
+        if "clip" in self.nets:
+            out["clip_score"] = metrics.clip_score(fake["clip_image"], fake["clip_text"])
+        if "clap" in self.nets:
+            out["fad"] = _fd(real["clap"], fake["clap"])
+        return out
 
 
-def dinov2_distance(path: str, real: Tensor, fake: Tensor, weights: dict) -> float:
-    from selfflow.eval.encoders import load_dinov2
+def _load(kind: str, path: str):
+    if kind == "inception":
+        from selfflow.eval.inception import load_inception
 
-    net = load_dinov2(path)
-    weights["dinov2"] = net.sha256
-    real_f, fake_f = (net.embed(to_uint8(x)) for x in (real, fake))
-    return _stats(real_f).frechet_distance(_stats(fake_f))
+        return load_inception(path)
+    from selfflow.eval import encoders
 
-
-def clip_score(path: str, fake: Tensor, captions: list[str], weights: dict) -> float:
-    from selfflow.eval.encoders import load_clip
-
-    net = load_clip(path)
-    weights["clip"] = net.sha256
-    return metrics.clip_score(net.embed(to_uint8(fake)), net.embed_text(captions[: len(fake)]))
-
-
-def clap_distance(path: str, real: Tensor, fake: Tensor, sample_rate: int, weights: dict) -> float:
-    from selfflow.eval.encoders import load_clap
-
-    net = load_clap(path)
-    weights["clap"] = net.sha256
-    real_f, fake_f = (net.embed(list(x.mean(dim=1)), sample_rate) for x in (real, fake))
-    return _stats(real_f).frechet_distance(_stats(fake_f))
+    return {"dinov2": encoders.load_dinov2, "clip": encoders.load_clip, "clap": encoders.load_clap}[kind](path)
