@@ -1,6 +1,6 @@
 """Fault injection on real training runs (README "What happens when things go wrong").
 
-Real SIGKILLs at named moments (`SELFFLOW_FAULT`, run.fault_point) and at an arbitrary one, code
+Real SIGKILLs at named moments (`SELFFLOW_FAULT`, faults.fault_point) and at an arbitrary one, code
 hidden in pickles given to every path that reads weights, bit flips in every kind of checkpoint
 file, a changed model, a full disk (a small tmpfs in a user namespace), corrupt and missing data.
 """

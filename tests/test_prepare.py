@@ -9,6 +9,9 @@ tokens are decoded back to the media within bf16 rounding.
 
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +24,7 @@ import soundfile as sf
 import torch
 import webdataset as wds
 from diffusers import AutoencoderOobleck
+from mlflow_server import free_port
 from PIL import Image
 from tiny_autoencoders import TINY_OOBLECK
 
@@ -171,7 +175,12 @@ def test_corrupt_samples_and_shards_are_skipped_and_named(tmp_path, capsys):
         "unsupported shape": ["odd-size"],
     }
     assert (summary["written"], summary["skipped"], summary["damaged_shards"], summary["shards"]) == (5, 5, 1, 2)
-    assert sorted(p.name for p in (tmp_path / "out" / "image").iterdir()) == ["latent-000000.tar", "latent-000001.tar"]
+    assert sorted(p.name for p in (tmp_path / "out" / "image").glob("*.tar")) == [
+        "latent-000000.tar",
+        "latent-000001.tar",
+    ]
+    # every finished shard is sealed, the one whose raw shard held nothing usable too (and has no file)
+    assert len(list((tmp_path / "out" / "image").glob("latent-*.tar.done"))) == 3
     assert set(latent_shard_members(tmp_path / "out" / "image" / "latent-000001.tar")) == {"ok"}
     printed = capsys.readouterr().out
     assert "bad-png" in printed and "shard-000002.tar" in printed and "5 written" in printed
@@ -329,3 +338,71 @@ def test_truncated_shard_keeps_the_samples_before_the_damage(tmp_path):
             for sample in read_shard(tmp_path / "b.tar"):
                 seen.append(sample["__key__"])
         assert seen == whole, end
+
+
+# ---------------------------------------------------------------- several processes, resume
+
+
+def same_outputs(one: Path, other: Path) -> None:
+    """The same shards, samples, latents, text ids, sentencepiece model and statistics (paths aside)."""
+    manifests = [json.loads((d / "manifest.json").read_text().replace(str(d), "OUT")) for d in (one, other)]
+    assert manifests[0] == manifests[1]
+    assert (one / "text/spm.model").read_bytes() == (other / "text/spm.model").read_bytes()
+    stats = [json.loads((d / "audio/latent_stats.json").read_text()) for d in (one, other)]
+    for key in ("mean", "std"):
+        torch.testing.assert_close(torch.tensor(stats[1][key]), torch.tensor(stats[0][key]), rtol=1e-9, atol=1e-12)
+    names = sorted(p.relative_to(one).as_posix() for p in one.glob("*/latent-*.tar"))
+    assert names == sorted(p.relative_to(other).as_posix() for p in other.glob("*/latent-*.tar")) and len(names) == 8
+    for name in names:
+        a, b = latent_shard_members(one / name), latent_shard_members(other / name)
+        assert sorted(a) == sorted(b)
+        for key in a:
+            assert a[key]["json"] == b[key]["json"] and a[key]["txt"] == b[key]["txt"]
+            for member in ("latent.pth", "text.pth"):
+                x, y = (torch.load(io.BytesIO(s[key][member]), weights_only=True) for s in (a, b))
+                for field, value in x.items():  # the same batches through the same code: bit for bit
+                    assert torch.equal(y[field], value) if torch.is_tensor(value) else y[field] == value
+
+
+def test_two_processes_prepare_what_one_does_and_a_killed_run_finishes_on_restart(tmp_path):
+    """`selfflow prepare` under torchrun (2 processes, gloo): the union of their shards equals one
+    process's output (sentencepiece trained once on every caption, Oobleck statistics merged from both
+    processes' moments); a run whose worker is SIGKILLed after sealing a shard stops both processes,
+    and the same command then keeps every sealed shard and encodes the rest, to the same set."""
+    synth(SynthConfig(out_dir=str(tmp_path / "raw"), num_images=24, num_videos=0, num_audio=8, samples_per_shard=4))
+    torch.manual_seed(0)
+    AutoencoderOobleck(**TINY_OOBLECK).save_pretrained(tmp_path / "oobleck")
+    config = tmp_path / "prepare.yaml"
+    image = {"name": "image", "autoencoder": "raw", "patch": [2, 2]}
+    audio = {"name": "audio", "autoencoder": "oobleck", "path": str(tmp_path / "oobleck"), "patch": None}
+    audio |= {"channels": None, "sample_rate": None}  # the preset's raw-audio values give way to the VAE's
+    modalities = {"image": image, "video": None, "audio": audio}
+    settings = {"raw_dir": str(tmp_path / "raw"), "modalities": modalities, "workers": 1}
+    config.write_text(json.dumps({**settings, "batch_size": 4}))  # YAML reads JSON
+    assert main(["prepare", "--config", str(config), f"out_dir={tmp_path / 'one'}"]) == 0
+
+    def two_processes(out: Path, fault: str | None = None) -> subprocess.CompletedProcess:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+        cmd = [*launcher, "--master-port", str(free_port()), "-m", "selfflow.cli", "prepare"]
+        env = {k: v for k, v in os.environ.items() if k != "SELFFLOW_FAULT"} | (
+            {"SELFFLOW_FAULT": fault} if fault else {}
+        )
+        cmd += ["--config", str(config), f"out_dir={out}"]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+
+    proc = two_processes(tmp_path / "two")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["reused_shards"] == 0
+    same_outputs(tmp_path / "one", tmp_path / "two")
+
+    killed = two_processes(tmp_path / "killed", fault="prepare.shard_done@3")  # the worker that sealed shard 3
+    assert killed.returncode != 0 and not (tmp_path / "killed" / "manifest.json").exists()
+    sealed = {p: p.stat().st_mtime_ns for p in (tmp_path / "killed").glob("*/latent-*.tar.done")}
+    assert 1 <= len(sealed) < 8, sealed
+    proc = two_processes(tmp_path / "killed")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads((tmp_path / "killed" / "summary.json").read_text())["reused_shards"] == len(sealed)
+    for marker in (tmp_path / "killed").glob("*/latent-*.tar.done"):  # sealed shards were not encoded again
+        assert marker not in sealed or marker.stat().st_mtime_ns == sealed[marker]
+    same_outputs(tmp_path / "one", tmp_path / "killed")

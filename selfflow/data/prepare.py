@@ -16,12 +16,28 @@ unsupported shape, and a truncated or corrupt shard are skipped and counted by r
 (shard names for shards), in out_dir/summary.json. out_dir/manifest.json lists per modality the
 token shape, shards and the adapter config, and the text setup; out_dir/config.yaml is the
 resolved config.
+
+Several processes (torchrun / srun, one per GPU: `device=cuda` gives each its `LOCAL_RANK`'s GPU)
+split the work: process r encodes every world-th output shard (the shard names are the same as one
+process writes), the captions of every process train one sentencepiece model on rank 0 in shard
+order, the Oobleck statistics merge every process's float64 moments, and rank 0 writes
+summary.json and manifest.json from everyone's results after they finished.
+
+Resumable: every finished output shard has a marker (`latent-<i>.tar.done`, with its sha256 and a
+fingerprint of its inputs and settings), so the same command after a crash or a kill keeps the
+complete shards and encodes the rest; the sentencepiece model and the statistics are kept the same
+way. Unfinished files, markers that no longer match and shards beyond the raw shard count are
+replaced or removed.
+
+    torchrun --nproc-per-node 8 -m selfflow.cli prepare --config configs/data/prepare_flux2.yaml device=cuda
 """
 
+import hashlib
 import json
 import multiprocessing as mp
 import os
 import queue as queue_lib
+import re
 import time
 from collections import defaultdict
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -42,12 +58,15 @@ from selfflow.data.prepare_worker import (
     WorkerSetup,
     encode_shard,
     init_worker,
+    read_marker,
 )
 from selfflow.data.raw import ShardError, read_shard
-from selfflow.modalities.audio import compute_latent_stats, save_latent_stats
+from selfflow.files import atomic_write, file_sha256
+from selfflow.modalities.audio import latent_moments, save_latent_stats, stats_from_moments
 from selfflow.modalities.builder import ModalityConfig
 from selfflow.modalities.text import SENTENCEPIECE_TYPES, SentencePieceTokenizer, TextConfig, train_sentencepiece
 from selfflow.progress import progress
+from selfflow.ranks import joined, rank_world, together
 
 MAX_EXAMPLES = 10  # keys kept (and printed) per skip reason
 
@@ -104,41 +123,126 @@ class PrepareConfig:
 
 
 def prepare(cfg: PrepareConfig) -> dict:
-    """Encode every raw shard under `cfg.raw_dir` into latent shards under `cfg.out_dir`; returns the summary."""
+    """Encode every raw shard under `cfg.raw_dir` into latent shards under `cfg.out_dir`; returns the
+    summary. Under torchrun / srun each process takes every world-th shard (`prepare_share`)."""
+    with joined("cpu") as (rank, world, _):  # gloo: only counts, captions and results cross processes
+        return prepare_share(cfg, rank, world)
+
+
+def prepare_share(cfg: PrepareConfig, rank: int, world: int) -> dict:
+    """Process `rank` of `world` encodes its shards; captions, statistics and results are merged."""
     start = time.monotonic()
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' asked for, but no GPU is visible")
     out = Path(cfg.out_dir)
     sources = {key: raw_shards(cfg.raw_dir, key) for key in cfg.modalities}
-    counts, captions = scan_shards(sources, want_captions=cfg.text.kind == "sentencepiece")
-    vocab = train_text(captions, cfg) if cfg.text.kind == "sentencepiece" else None
-    for key in sources:
-        (out / key).mkdir(parents=True, exist_ok=True)
-        for stale in [*(out / key).glob("latent-*.tar"), *(out / key).glob("latent-*.tar.tmp")]:
-            stale.unlink()  # a previous run with more shards must not leave extra ones behind
+    order = [(key, i) for key in sources for i in range(len(sources[key]))]  # every output shard, in order
+    mine = order[rank::world]
+    want = cfg.text.kind == "sentencepiece"
+    scans = together(lambda: scan_shards({(k, i): sources[k][i] for k, i in mine}, want_captions=want))
+    counts = scans[rank][0]
+    vocab = None
+    if want:  # one model from every caption in shard order, trained once (rank 0), as one process would
+        by_shard = {shard: texts for _, part in scans for shard, texts in part.items()}
+        captions = [c for shard in order for c in by_shard.get(shard, [])]
+        together(lambda: train_text(captions, cfg) if rank == 0 else None)
+        vocab = SentencePieceTokenizer(cfg.text.path, cfg.text.max_length).vocab_size
+    together(lambda: clear_leftovers(out, {key: len(urls) for key, urls in sources.items()}) if rank == 0 else None)
     modalities = dict(cfg.modalities)
-    with worker_pool(cfg) as (pool, messages):
-        for key, mcfg in modalities.items():
+    device = f"cuda:{local_rank()}" if cfg.device == "cuda" and world > 1 else cfg.device  # one GPU a process
+    with worker_pool(cfg, device) as (pool, messages):
+        for key, mcfg in cfg.modalities.items():
             if mcfg.autoencoder == "oobleck" and mcfg.stats is None:
-                tasks = [ShardTask(key, mcfg, str(src), None) for src in sources[key]]
-                results = run_tasks(pool, messages, tasks, counts[key], f"{key} latent stats")
-                stats = compute_latent_stats(chunk[None] for r in results for chunk in r.latents)
-                save_latent_stats(stats, out / key / "latent_stats.json")
-                modalities[key] = replace(mcfg, stats=str(out / key / "latent_stats.json"))
+                mine_of_key = [sources[key][i] for k, i in mine if k == key]
+                modalities[key] = audio_stats(pool, messages, key, mcfg, sources[key], mine_of_key, counts, out)
+        text_sha = file_sha256(cfg.text.path) if want else None
         tasks = [
-            ShardTask(key, modalities[key], str(src), str(out / key / f"latent-{i:06d}.tar"))
-            for key in sources
-            for i, src in enumerate(sources[key])
+            ShardTask(
+                key,
+                modalities[key],
+                str(sources[key][i]),
+                str(out / key / f"latent-{i:06d}.tar"),
+                order.index((key, i)),
+                shard_fingerprint(sources[key][i], modalities[key], cfg, text_sha),
+            )
+            for key, i in mine
         ]
-        results = run_tasks(pool, messages, tasks, sum(counts.values()), "prepare")
+        parts = together(lambda: encode_share(pool, messages, tasks, counts, rank, world))
+    results = sorted((r for part in parts for r in part), key=lambda r: r.task.index)
     by_key = {key: [r for r in results if r.task.key == key] for key in sources}
-    summary = summarize(cfg, by_key, time.monotonic() - start)
+    reused = sum(1 for r in results if r.reused)
+    summary = summarize(cfg, by_key, time.monotonic() - start) | {"processes": world, "reused_shards": reused}
     resolved = replace(cfg, modalities=modalities)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "manifest.json").write_text(json.dumps(manifest(resolved, by_key, vocab), indent=2) + "\n")
-    save_config(resolved, out / "config.yaml")
-    print_summary(summary)
+    if rank == 0:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / "manifest.json").write_text(json.dumps(manifest(resolved, by_key, vocab), indent=2) + "\n")
+        save_config(resolved, out / "config.yaml")
+        print_summary(summary)
+    together(lambda: None)  # every process returns after the manifest exists
     return summary
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+
+
+def shard_fingerprint(src: Path, modality: ModalityConfig, cfg: PrepareConfig, text_sha: str | None) -> str:
+    """What an output shard depends on: the raw shard (path, size, mtime), the adapter, the text setup
+    (and the sentencepiece model's sha256), the stored dtype. A marker with another fingerprint is stale."""
+    stat = src.stat()
+    inputs = {"src": str(src), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "modality": asdict(modality)}
+    inputs |= {"text": asdict(cfg.text), "text_sha256": text_sha, "dtype": cfg.dtype}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def clear_leftovers(out: Path, shards: dict[str, int]) -> None:
+    """Unfinished files of an interrupted run and shards beyond this run's count (a previous run with more
+    raw shards must not leave extra ones behind); finished shards stay for their markers to vouch for."""
+    for key, count in shards.items():
+        (out / key).mkdir(parents=True, exist_ok=True)
+        for path in (out / key).glob("latent-*"):
+            found = re.fullmatch(r"latent-(\d+)\.tar(\.done)?", path.name)
+            if found is None or int(found.group(1)) >= count:
+                path.unlink()
+
+
+def audio_stats(pool, messages, key, mcfg, sources, mine, counts, out) -> ModalityConfig:
+    """The Oobleck statistics pass: each process encodes its shards unnormalised, their float64
+    moments are merged exactly, rank 0 writes `latent_stats.json`. Kept when an earlier run wrote it
+    for the same shards and adapter (its marker's fingerprint matches)."""
+    path = out / key / "latent_stats.json"
+    inputs = {"shards": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in sources], "modality": asdict(mcfg)}
+    fingerprint = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    done = Path(f"{path}.done")
+    if not (path.is_file() and done.is_file() and done.read_text().strip() == fingerprint):
+
+        def moments():
+            tasks = [ShardTask(key, mcfg, str(src), None) for src in mine]
+            results = run_tasks(pool, messages, tasks, sum(counts[key, s] for s in mine), f"{key} latent stats")
+            return latent_moments(chunk[None] for r in results for chunk in r.latents)
+
+        parts = together(moments)
+        if rank_world()[0] == 0:
+            save_latent_stats(stats_from_moments(parts), path)
+            atomic_write(done, fingerprint + "\n")
+        together(lambda: None)
+    return replace(mcfg, stats=str(path))
+
+
+def encode_share(pool, messages, tasks: list[ShardTask], counts, rank: int, world: int) -> list[ShardResult]:
+    """This process's shards: those an earlier run completed (`read_marker`) are kept, the rest encoded."""
+    kept = {task.index: read_marker(task) for task in tasks}
+    todo = [task for task in tasks if kept[task.index] is None]
+    if rank == 0 and len(todo) < len(tasks):
+        tqdm.write(f"prepare: {len(tasks) - len(todo)} of this process's shards are complete from an earlier run")
+    total = sum(counts[task.key, Path(task.src)] for task in todo)
+    desc = "prepare" if world == 1 else f"prepare (process 0 of {world})"
+    done = {r.task.index: r for r in run_tasks(pool, messages, todo, total, desc, show=rank == 0)}
+    for index, result in kept.items():
+        if result is not None:
+            result.reused = True
+            done[index] = result
+    return [done[task.index] for task in tasks]
 
 
 def raw_shards(raw_dir: str, key: str) -> list[Path]:
@@ -149,42 +253,48 @@ def raw_shards(raw_dir: str, key: str) -> list[Path]:
     return urls
 
 
-def scan_shards(sources: dict[str, list[Path]], want_captions: bool) -> tuple[dict[str, int], list[str]]:
-    """Samples per modality (for the progress bars) and every caption, reading only the `txt` members."""
-    counts, captions = defaultdict(int), []
+def scan_shards(shards: dict[tuple[str, int], Path], want_captions: bool) -> tuple[dict, dict]:
+    """Samples per shard (for the progress bars) and each shard's captions, reading only the `txt` members."""
+    counts, captions = defaultdict(int), defaultdict(list)
     wanted = {"txt"} if want_captions else set()
-    for key, urls in sources.items():
-        for url in progress(urls, desc=f"scan {key}", unit="shard", leave=False):
-            try:
-                for sample in read_shard(url, wanted):
-                    counts[key] += 1
-                    try:
-                        caption = sample.get("txt", b"").decode("utf-8").strip()
-                    except UnicodeDecodeError:
-                        continue  # skipped, with its reason, by the encoding pass
-                    if caption:
-                        captions.append(caption)
-            except ShardError:
-                pass  # reported by the encoding pass
+    for (key, i), url in progress(shards.items(), desc="scan", unit="shard", leave=False):
+        try:
+            for sample in read_shard(url, wanted):
+                counts[key, url] += 1
+                try:
+                    caption = sample.get("txt", b"").decode("utf-8").strip()
+                except UnicodeDecodeError:
+                    continue  # skipped, with its reason, by the encoding pass
+                if caption:
+                    captions[key, i].append(caption)
+        except ShardError:
+            pass  # reported by the encoding pass
     return counts, captions
 
 
 def train_text(captions: list[str], cfg: PrepareConfig) -> int:
-    """Train the sentencepiece model on all captions; returns its vocabulary size."""
+    """Train the sentencepiece model on all captions (kept when an earlier run trained it on the same
+    captions with the same settings); returns its vocabulary size."""
     if not captions:
         raise ValueError(f"no captions (txt members) under {cfg.raw_dir} to train the sentencepiece model on")
-    path = train_sentencepiece(captions, cfg.text.path, cfg.vocab_size, cfg.sentencepiece_type)
-    return SentencePieceTokenizer(path, cfg.text.max_length).vocab_size
+    inputs = {"captions": captions, "vocab_size": cfg.vocab_size, "type": cfg.sentencepiece_type}
+    fingerprint = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()
+    done = Path(f"{cfg.text.path}.done")
+    if not (Path(cfg.text.path).is_file() and done.is_file() and done.read_text().strip() == fingerprint):
+        train_sentencepiece(captions, cfg.text.path, cfg.vocab_size, cfg.sentencepiece_type)
+        atomic_write(done, fingerprint + "\n")
+    return SentencePieceTokenizer(cfg.text.path, cfg.text.max_length).vocab_size
 
 
 @contextmanager
-def worker_pool(cfg: PrepareConfig):
-    """A process pool whose workers import torch and the adapters once (forkserver preload) and a progress queue."""
+def worker_pool(cfg: PrepareConfig, device: str):
+    """A process pool whose workers import torch and the adapters once (forkserver preload) and a progress
+    queue; `device`: "cpu", "cuda" (workers take the visible GPUs in turn) or one GPU ("cuda:1")."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["selfflow.data.prepare_worker"])
     messages, counter = ctx.Queue(), ctx.Value("i", 0)
     threads = max(1, (os.cpu_count() or 1) // cfg.workers)
-    setup = WorkerSetup(cfg.text, cfg.dtype, cfg.batch_size, cfg.device, threads)
+    setup = WorkerSetup(cfg.text, cfg.dtype, cfg.batch_size, device, threads)
     pool = ProcessPoolExecutor(cfg.workers, ctx, initializer=init_worker, initargs=(setup, messages, counter))
     try:
         yield pool, messages
@@ -192,11 +302,11 @@ def worker_pool(cfg: PrepareConfig):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def run_tasks(pool, messages, tasks: list[ShardTask], total: int, desc: str) -> list[ShardResult]:
+def run_tasks(pool, messages, tasks: list[ShardTask], total: int, desc: str, show: bool = True) -> list[ShardResult]:
     """Run shard tasks on the pool with a progress bar over samples; a worker's exception stops the run."""
     futures = [pool.submit(encode_shard, task) for task in tasks]
     shown: dict[str, int] = defaultdict(int)
-    with progress(total=total, desc=desc, unit="sample") as bar:
+    with progress(total=total, desc=desc, unit="sample", disable=not show) as bar:
         pending = futures
         while pending:
             done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)

@@ -7,6 +7,10 @@ shape and encoded `batch_size` at a time, so a shard of mixed sizes is written i
 order than it was read. A sample that cannot be used is skipped with a reason; a damaged shard
 keeps the samples read before the damage.
 
+Every finished output shard gets a marker `latent-<i>.tar.done` (JSON: the shard's sha256, the
+fingerprint of its inputs and settings, its counts), so a restarted `selfflow prepare` keeps the
+shards an interrupted run completed (`read_marker`).
+
 Each latent sample holds what `selfflow.data.loader` reads:
 
     latent.pth  {"tokens": (L, C) bf16|fp16, "ids": (L, 4) int64, "shape": [C_lat, ...] (no batch)}
@@ -29,6 +33,8 @@ from torch import Tensor
 from webdataset import TarWriter
 
 from selfflow.data.raw import ShardError, decode_audio, decode_image, decode_video, find_media, read_shard
+from selfflow.faults import fault_point
+from selfflow.files import atomic_write, file_sha256
 from selfflow.modalities.base import Modality
 from selfflow.modalities.builder import ModalityConfig, build_modality
 from selfflow.modalities.text import HFTextEncoder, SentencePieceTokenizer, TextConfig
@@ -56,6 +62,8 @@ class ShardTask:
     modality: ModalityConfig
     src: str  # raw shard
     dst: str | None  # latent shard to write; None: return the latents for statistics instead
+    index: int = 0  # the shard's place among all output shards of the run (names fault points)
+    fingerprint: str = ""  # what the output depends on (`prepare.shard_fingerprint`), kept in its marker
 
 
 @dataclass
@@ -67,6 +75,7 @@ class ShardResult:
     skipped: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # reason -> keys / shard names
     text_dim: int | None = None  # t5 / causal_lm embedding width
     latents: list[Tensor] = field(default_factory=list)  # statistics pass: (C, N) chunks
+    reused: bool = False  # complete from an earlier run (its marker), not encoded again
 
 
 class Item(NamedTuple):
@@ -157,7 +166,47 @@ def encode_shard(task: ShardTask) -> ShardResult:
         result.bytes = Path(task.dst).stat().st_size
     elif tmp is not None:
         tmp.unlink()  # nothing usable: no empty shard for the loader to spin on
+    if task.dst is not None:
+        write_marker(task, result)
+        fault_point("prepare.shard_done", task.index)
     return result
+
+
+def marker_path(dst: str) -> Path:
+    return Path(f"{dst}.done")
+
+
+def write_marker(task: ShardTask, result: ShardResult) -> None:
+    """Seal an output shard: its sha256, the task's fingerprint and what the summary needs, written
+    after the shard (a shard with no usable sample has a marker and no file)."""
+    record = {
+        "fingerprint": task.fingerprint,
+        "sha256": file_sha256(task.dst) if result.written else None,
+        "written": result.written,
+        "bytes": result.bytes,
+        "shapes": [[list(shape), tokens, dim, n] for (shape, tokens, dim), n in result.shapes.items()],
+        "skipped": result.skipped,
+        "text_dim": result.text_dim,
+    }
+    atomic_write(marker_path(task.dst), json.dumps(record))
+
+
+def read_marker(task: ShardTask) -> ShardResult | None:
+    """The recorded result of a shard an earlier run completed for the same inputs and settings (its
+    marker's fingerprint matches and the shard's sha256 is the sealed one); None: encode it."""
+    try:
+        record = json.loads(marker_path(task.dst).read_text())
+        if record.get("fingerprint") != task.fingerprint:
+            return None
+        if record["written"] and file_sha256(task.dst) != record["sha256"]:
+            return None
+        if not record["written"] and Path(task.dst).exists():
+            return None
+        shapes = defaultdict(int, {(tuple(shape), tokens, dim): n for shape, tokens, dim, n in record["shapes"]})
+        skipped = defaultdict(list, record["skipped"])
+        return ShardResult(task, record["written"], record["bytes"], shapes, skipped, record["text_dim"])
+    except (OSError, ValueError, KeyError, TypeError):  # no marker, a damaged one, a missing shard
+        return None
 
 
 def same_shape_batches(worker: Worker, modality: Modality, src: str, result: ShardResult) -> Iterator[list[Item]]:

@@ -55,10 +55,10 @@ from selfflow.eval.builtin_features import load_feature_net, train_feature_net
 from selfflow.eval.generate import EvalSet, data_modality, decode, generate, read_eval_set
 from selfflow.eval.metrics import FeatureStats
 from selfflow.eval.probe import linear_probes
-from selfflow.eval.ranks import barrier, joined, rank_world, share, together
 from selfflow.eval.standard import StandardNets
 from selfflow.files import file_sha256
 from selfflow.flow.samplers import SamplerConfig
+from selfflow.ranks import barrier, joined, rank_world, share, together
 
 MODALITIES = ("image", "video", "audio")
 GUIDED = "guided"  # key of the guided set in a modality's metrics and media

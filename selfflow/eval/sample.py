@@ -26,10 +26,10 @@ from selfflow.backbone.checkpoint import load_weights
 from selfflow.backbone.sit import SiT, SiTConfig
 from selfflow.config import save_config
 from selfflow.eval.media import to_uint8
-from selfflow.eval.ranks import barrier, joined
 from selfflow.flow.samplers import PerSampleNoise, SamplerConfig, sample
 from selfflow.modalities.grid import patchify, unpatchify
 from selfflow.progress import progress
+from selfflow.ranks import barrier, joined
 
 
 @dataclass

@@ -14,6 +14,7 @@ DESIGN.md section 5.
     modality = AudioModality(OobleckVAE(path, stats="data/fma/latent_stats.json"))
 """
 
+import functools
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -85,31 +86,42 @@ class OobleckVAE(AudioAutoencoder):
 
 
 def compute_latent_stats(latents: Iterable[Tensor]) -> dict[str, list[float]]:
-    """Per-channel mean and (population) std over every `(B, C, T)` chunk, merged in float64.
+    """Per-channel mean and (population) std over every `(B, C, T)` chunk, merged in float64."""
+    return stats_from_moments([latent_moments(latents)])
 
-    Chan et al.'s pairwise update: for running `(n_a, mean_a, M2_a)` and a chunk `(n_b, mean_b, M2_b)`,
-    `mean = mean_a + d * n_b / n`, `M2 = M2_a + M2_b + d^2 n_a n_b / n` with `d = mean_b - mean_a`.
-    """
-    n, mean, m2 = 0, None, None
+
+Moments = tuple[int, Tensor | None, Tensor | None]  # (count, mean, sum of squared deviations) per channel
+
+
+def latent_moments(latents: Iterable[Tensor]) -> Moments:
+    """Per-channel `(n, mean, M2)` of `(B, C, T)` chunks in float64; those of several processes (or
+    shards) combine with `stats_from_moments`."""
+    moments: Moments = (0, None, None)
     for chunk in latents:
         if chunk.ndim != 3:
             raise ValueError(f"audio: latent chunks must be (B, C, T), got shape {tuple(chunk.shape)}")
         x = chunk.detach().to("cpu", torch.float64).transpose(0, 1).reshape(chunk.shape[1], -1)  # (C, B*T)
-        n_b = x.shape[1]
-        if n_b == 0:
-            continue
-        mean_b = x.mean(dim=1)
-        m2_b = ((x - mean_b[:, None]) ** 2).sum(dim=1)
-        if mean is None:
-            n, mean, m2 = n_b, mean_b, m2_b
-            continue
-        if mean_b.shape != mean.shape:
-            raise ValueError(f"audio: latent chunk has {mean_b.numel()} channels, earlier chunks {mean.numel()}")
-        delta = mean_b - mean
-        total = n + n_b
-        mean = mean + delta * (n_b / total)
-        m2 = m2 + m2_b + delta**2 * (n * n_b / total)
-        n = total
+        if x.shape[1]:
+            mean = x.mean(dim=1)
+            moments = _merge(moments, (x.shape[1], mean, ((x - mean[:, None]) ** 2).sum(dim=1)))
+    return moments
+
+
+def _merge(a: Moments, b: Moments) -> Moments:
+    """Chan et al.'s pairwise update: `mean = mean_a + d * n_b / n`, `M2 = M2_a + M2_b + d^2 n_a n_b / n`
+    with `d = mean_b - mean_a` (no cancellation when the mean is large against the spread)."""
+    (n_a, mean_a, m2_a), (n_b, mean_b, m2_b) = a, b
+    if mean_a is None or not n_b:
+        return b if mean_a is None else a
+    if mean_b.shape != mean_a.shape:
+        raise ValueError(f"audio: latent chunk has {mean_b.numel()} channels, earlier chunks {mean_a.numel()}")
+    delta, n = mean_b - mean_a, n_a + n_b
+    return n, mean_a + delta * (n_b / n), m2_a + m2_b + delta**2 * (n_a * n_b / n)
+
+
+def stats_from_moments(parts: Iterable[Moments]) -> dict[str, list[float]]:
+    """Per-channel mean and population std from the moments of disjoint parts of the latents."""
+    n, mean, m2 = functools.reduce(_merge, parts, (0, None, None))
     if mean is None:
         raise ValueError("audio: no latents to compute statistics from")
     return {"mean": mean.tolist(), "std": (m2 / n).sqrt().tolist()}

@@ -37,7 +37,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -53,6 +52,7 @@ from tqdm import tqdm
 
 from selfflow.config import save_config
 from selfflow.data.batch import mix_seed
+from selfflow.faults import fault_point
 from selfflow.files import atomic_write
 from selfflow.progress import progress
 from selfflow.training import checkpoints
@@ -599,19 +599,3 @@ def join_reasons(reasons: list[str | None]) -> str:
     if len(reasons) == 1:
         return reasons[0]
     return "; ".join(f"rank {rank}: {why}" for rank, why in enumerate(reasons) if why)
-
-
-# --------------------------------------------------------------------------------------------
-# Fault injection
-
-
-def fault_point(name: str, step: int) -> None:
-    """Fault-injection tests: `SELFFLOW_FAULT=name@step[@rank],...` SIGKILLs this process here."""
-    spec = os.environ.get("SELFFLOW_FAULT")
-    if not spec:
-        return
-    rank = os.environ.get("RANK", "0")
-    for item in spec.split(","):
-        parts = item.strip().split("@")
-        if parts[:2] == [name, str(step)] and (len(parts) == 2 or parts[2] == rank):
-            os.kill(os.getpid(), signal.SIGKILL)
