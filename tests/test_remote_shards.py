@@ -100,3 +100,27 @@ def test_local_brace_patterns_and_missing_manifests(tmp_path):
     (tmp_path / "latents" / "manifest.json").unlink()
     with pytest.raises(FileNotFoundError, match="set modalities.image.timesteps.distribution explicitly"):
         prepared_modality(str(folder), "image")
+
+
+def test_strict_split_gives_each_rank_its_own_shards_and_resumes_exactly(tmp_path):
+    written = write_shards(tmp_path, shards=6, per_shard=4)
+    folder = str(tmp_path / "latents" / "image")
+    cfg = LoaderConfig(folder, shuffle_buffer=1)  # samples in shard order: one batch of 4 is one shard
+
+    def keys(stream, batches):
+        return [next(stream).keys for _ in range(batches)]
+
+    epoch = {rank: keys(LatentStream(cfg, batch_size=4, seed=0, rank=rank, world=2), 3) for rank in (0, 1)}
+    seen = {rank: {key for batch in b for key in batch} for rank, b in epoch.items()}
+    assert all(len({key.split("-")[0] for key in batch}) == 1 for b in epoch.values() for batch in b)  # one shard
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(written)  # one epoch: every shard once
+    # the next epoch is another permutation, dealt out the same way
+    second = {rank: keys(LatentStream(cfg, batch_size=4, seed=0, rank=rank, world=2), 6)[3:] for rank in (0, 1)}
+    assert {k for b in second.values() for batch in b for k in batch} == set(written)
+    # resume: a stream rebuilt at position 4 continues exactly as the uninterrupted one
+    resumed = LatentStream(cfg, batch_size=4, seed=0, rank=1, world=2, position=4)
+    assert resumed.split == "strict" and keys(resumed, 2) == second[1][1:]
+
+    assert LatentStream(cfg, batch_size=4, seed=0, rank=0, world=8).split == "resample"  # auto: 6 shards, 8 ranks
+    with pytest.raises(ValueError, match="6 shards cannot be split strictly between 8 ranks"):
+        LatentStream(LoaderConfig(folder, split="strict"), batch_size=4, seed=0, world=8)

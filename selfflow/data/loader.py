@@ -2,16 +2,19 @@
 
 Reads the latent shards that `selfflow prepare` writes (`latent.pth` = tokens, ids and latent
 shape; `text.pth` = text token ids or embeddings with a mask; `json` = metadata with a class
-label). Each rank and worker draws its own shard sequence (resampling with a seed derived from
-`(seed, rank, worker)`, so streams never run dry and ranks see different data), shuffles
-samples in a buffer, and batches samples of one token shape together (bucketing by
-resolution / frame count / duration). A corrupt sample or shard is skipped, counted and
+label). Shards are split between ranks and DataLoader workers strictly when there are enough of
+them (`EpochShards`: each epoch a seeded permutation dealt out so no two readers share a shard) or,
+for small corpora, resampled (each rank and worker draws its own sequence with replacement, seeded
+by `(seed, rank)`); either way streams never run dry. Each stream shuffles samples in a buffer
+and batches samples of one token shape together (bucketing by resolution / frame count /
+duration). A corrupt sample or shard is skipped, counted and
 reported with its key; the run goes on, unless `max_bad_samples` samples or shards in a row are
 bad (a folder of corrupt data): then the stream stops with an error naming the folder instead
 of searching forever.
 
 The position of a stream is the number of batches it has delivered; a resumed run rebuilds
-the stream with the same seed and skips that many batches, so it sees the same data.
+the stream with the same seed, rank and number of ranks and skips that many batches, so it sees
+the same data (at another number of ranks the strict split deals the shards out differently).
 
     stream = LatentStream(LoaderConfig("data/synth/latents/image"), batch_size=8, seed=0, rank=0)
     batch = next(stream)      # LatentBatch(x0, ids, text, text_mask, labels, keys)
@@ -19,6 +22,7 @@ the stream with the same seed and skips that many batches, so it sees the same d
 
 import glob
 import io
+import itertools
 import json
 import random
 import shlex
@@ -32,9 +36,12 @@ from pathlib import Path
 import braceexpand
 import torch
 import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
 
 from selfflow.data.batch import LatentBatch, mix_seed, stack_text
 from selfflow.modalities.builder import ModalityConfig
+
+SPLITS = ("auto", "strict", "resample")
 
 
 @dataclass
@@ -43,10 +50,17 @@ class LoaderConfig:
     shuffle_buffer: int = 256
     workers: int = 0  # DataLoader worker processes (0: read in the training process)
     max_bad_samples: int = 100  # unknown in any reference; chosen as far above a few damaged items in a row
+    # "strict": every epoch one seeded permutation of the shards, dealt out to ranks and workers, so no
+    # two read the same shard in an epoch; "resample": each rank and worker draws shards with replacement
+    # (any number of shards, for small corpora); "auto": strict when there are at least ranks x workers
+    # shards (webdataset's two modes: split_by_node / split_by_worker, and ResampledShards)
+    split: str = "auto"
 
     def __post_init__(self):
         if self.shuffle_buffer < 1 or self.workers < 0 or self.max_bad_samples < 1:
             raise ValueError("shuffle_buffer and max_bad_samples must be >= 1 and workers >= 0")
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
 
 
 class BadDataError(ValueError):
@@ -185,16 +199,46 @@ def collate(samples: list[dict]) -> LatentBatch:
     return LatentBatch(x0, ids, text, text_mask, labels, [s["key"] for s in samples])
 
 
-class LatentStream:
-    """An endless iterator of `LatentBatch`es for one modality on one rank."""
+class EpochShards(IterableDataset):
+    """Endless epochs of the shards: in epoch e a permutation seeded by `(seed, e)`, the same on every
+    rank, of which rank r of `world` takes every world-th shard and its DataLoader worker w of W every
+    W-th of those: within an epoch no shard is read by two readers."""
 
-    def __init__(self, cfg: LoaderConfig, batch_size: int, seed: int, rank: int = 0, position: int = 0):
+    def __init__(self, urls: list[str], seed: int, rank: int, world: int):
+        self.urls, self.seed, self.rank, self.world = urls, seed, rank, world
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for epoch in itertools.count():
+            order = random.Random(mix_seed(self.seed, epoch)).sample(self.urls, len(self.urls))
+            for url in order[self.rank :: self.world][worker::workers]:
+                yield {"url": url}
+
+
+class LatentStream:
+    """An endless iterator of `LatentBatch`es for one modality on rank `rank` of `world`."""
+
+    def __init__(self, cfg: LoaderConfig, batch_size: int, seed: int, rank: int = 0, position: int = 0, world: int = 1):
         self.cfg, self.batch_size = cfg, batch_size
         self.urls = shard_list(cfg.shards)
         self.skipped = SkipCounter(cfg.shards, cfg.max_bad_samples)
         self.seed = mix_seed(seed, rank, len(self.urls))
+        readers = world * max(1, cfg.workers)
+        if cfg.split == "strict" and len(self.urls) < readers:
+            raise ValueError(
+                f"{cfg.shards}: {len(self.urls)} shards cannot be split strictly between {world} ranks x "
+                f"{max(1, cfg.workers)} workers: give more shards or split=resample"
+            )
+        self.split = (
+            "strict" if cfg.split == "strict" or (cfg.split == "auto" and len(self.urls) >= readers) else "resample"
+        )
+        if self.split == "strict":
+            shards = EpochShards(self.urls, mix_seed(seed, len(self.urls)), rank, world)
+        else:
+            shards = wds.ResampledShards(self.urls, seed=self.seed, deterministic=True)
         pipeline = wds.DataPipeline(
-            wds.ResampledShards(self.urls, seed=self.seed, deterministic=True),
+            shards,
             wds.tarfile_to_samples(handler=self.skipped),
             wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=random.Random(self.seed)),
             wds.map(decode_sample, handler=self.skipped),

@@ -92,7 +92,7 @@ class FinetuneTask:
     def build_model(self) -> MMDiT:
         return init_model(self.cfg, self.weights)
 
-    def open_data(self, rank: int, positions: dict[str, int]) -> None:
+    def open_data(self, rank: int, world: int, positions: dict[str, int]) -> None:
         cfg = self.cfg
         self.clips = ClipStream(cfg.data, cfg.model, cfg.batch_size, cfg.seed, rank, positions.get("clips", 0))
 

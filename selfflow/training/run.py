@@ -168,8 +168,8 @@ class Task(Protocol):
     def build_model(self) -> nn.Module:
         """The initial model, the same on every rank (the loop seeds torch with `seed` first)."""
 
-    def open_data(self, rank: int, positions: dict[str, int]) -> None:
-        """Open this rank's batch streams at the saved positions."""
+    def open_data(self, rank: int, world: int, positions: dict[str, int]) -> None:
+        """Open the batch streams of rank `rank` of `world` at the saved positions."""
 
     def positions(self) -> dict[str, int]:
         """The streams' positions, saved in every checkpoint."""
@@ -270,7 +270,7 @@ def read_link(path: Path) -> str | None:
 def begin(job: Run) -> None:
     """What comes after the tracker started: open the data, keep the config, log it."""
     cfg, info = job.cfg, job.info
-    together("opening the data", lambda: job.task.open_data(info.rank, job.state.data_position))
+    together("opening the data", lambda: job.task.open_data(info.rank, info.world, job.state.data_position))
     if info.rank == 0:
         save_config(cfg, job.run_dir / "config.yaml")
     job.tracker.log_params(cfg)

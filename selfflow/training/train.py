@@ -31,7 +31,7 @@ from selfflow.backbone.mmdit import MMDiTConfig
 from selfflow.backbone.sit import SiTConfig
 from selfflow.backbone.trunk import build_trunk
 from selfflow.data.batch import mix_seed
-from selfflow.data.loader import LatentStream, LoaderConfig, prepared_modality, read_manifest, shard_list
+from selfflow.data.loader import SPLITS, LatentStream, LoaderConfig, prepared_modality, read_manifest, shard_list
 from selfflow.data.synthetic import SyntheticConfig, SyntheticLatents, SyntheticStream
 from selfflow.flow.paths import AUTO, TimestepConfig
 from selfflow.modalities.builder import build_modality, timestep_distribution
@@ -66,12 +66,18 @@ class MixConfig:
     shards: str | None = None  # latent shards from `selfflow prepare`; None: the in-memory synthetic latents
     data: SyntheticConfig = field(default_factory=SyntheticConfig)  # used when shards is None
     max_bad_samples: int = 100  # consecutive corrupt samples after which the loader stops with an error
+    # shards between ranks: "strict" (each epoch a seeded permutation dealt out, no shard read twice),
+    # "resample" (draws with replacement, for fewer shards than ranks) or "auto" (strict when there are
+    # at least as many shards as ranks)
+    shard_split: str = "auto"
 
     def __post_init__(self):
         if not 0 <= self.probability <= 1 or self.batch_size < 1 or not 0 <= self.mask_ratio <= 1:
             raise ValueError("probability and mask_ratio must be in [0, 1] and batch_size >= 1")
         if self.max_bad_samples < 1:
             raise ValueError(f"max_bad_samples must be >= 1, got {self.max_bad_samples}")
+        if self.shard_split not in SPLITS:
+            raise ValueError(f"shard_split must be one of {SPLITS}, got {self.shard_split!r}")
 
 
 def default_mix() -> dict[str, MixConfig]:
@@ -290,14 +296,14 @@ class PretrainTask:
             self.init_state = None  # the loop copies the model for the EMA; the file's tensors can go
         return model
 
-    def open_data(self, rank: int, positions: dict[str, int]) -> None:
+    def open_data(self, rank: int, world: int, positions: dict[str, int]) -> None:
         """One endless batch stream per modality, fast-forwarded to the checkpoint's positions."""
         cfg = self.cfg
         for name, mix in cfg.modalities.items():
             position = positions.get(name, 0)
             if mix.shards:
-                loader = LoaderConfig(mix.shards, max_bad_samples=mix.max_bad_samples)
-                self.streams[name] = LatentStream(loader, mix.batch_size, cfg.seed, rank, position)
+                loader = LoaderConfig(mix.shards, max_bad_samples=mix.max_bad_samples, split=mix.shard_split)
+                self.streams[name] = LatentStream(loader, mix.batch_size, cfg.seed, rank, position, world)
             else:
                 data = SyntheticLatents(name, mix.data, cfg.seed)
                 self.streams[name] = SyntheticStream(data, mix.batch_size, rank, position)
