@@ -143,3 +143,75 @@ def test_finetune_from_a_pretrained_export_then_act_in_an_environment(clips, tmp
     assert main(["report", f"runs=[{out}]", f"out_dir={report}", "mlflow=false"]) == 0
     markdown = (report / "report.md").read_text()
     assert "| simpler | reach_near | 2 | 2 | 100.0% |" in markdown and "| simpler | mean |  |  | 50.0% |" in markdown
+
+
+def clip_contents(folder) -> dict[str, tuple]:
+    import webdataset as wds
+
+    out = {}
+    for shard in sorted(folder.glob("*.tar")):
+        for s in wds.WebDataset(str(shard), shardshuffle=False):
+            out[s["__key__"]] = (s["actions.npy"], s["ctx00.jpg"], s["json"])
+    return out
+
+
+def test_convert_on_two_processes_equals_one_and_clips_stream_with_exact_resume(tmp_path):
+    """`robotics convert` under torchrun splits the TFRecord files between 2 processes: the same clips,
+    byte for byte, and the same action statistics as one process. The clip stream then deals the
+    shards out to 2 ranks (no clip on both), and a stream rebuilt at a position continues exactly."""
+    import subprocess
+    import sys
+
+    from mlflow_server import free_port
+
+    for f in range(4):  # 4 files of 2 episodes (episode 2 fails and is filtered)
+        records = [write_episode_record(episode(2 * f + e)) for e in range(2)]
+        write_tfrecord(tmp_path / "rt1" / f"fractal.tfrecord-{f:05d}-of-00004", records)
+    args = [
+        "robotics",
+        "convert",
+        "--config",
+        str(REPO / "configs/robotics/rt1_convert.yaml"),
+        f"input={tmp_path / 'rt1'}",
+    ]
+    args += ["future_frames=2", "action_horizon=2", "success_only=true", "samples_per_shard=4"]
+    assert main([*args, f"out_dir={tmp_path / 'one'}"]) == 0
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+    ]
+    proc = subprocess.run(
+        [*launcher, "-m", "selfflow.cli", *args, f"out_dir={tmp_path / 'two'}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one, two = clip_contents(tmp_path / "one"), clip_contents(tmp_path / "two")
+    assert len(one) == 7 * (STEPS - 2) and one == two  # 7 successful episodes
+    summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two")]
+    assert [s["processes"] for s in summaries] == [1, 2]
+    same = [{k: v for k, v in s.items() if k not in ("shards", "processes", "config")} for s in summaries]
+    assert same[0] == same[1] and [len(s["shards"]) for s in summaries] == [11, 11]  # 24 + 18 clips on two
+    stats = [json.loads((tmp_path / d / "stats.json").read_text()) for d in ("one", "two")]
+    for key in ("mean", "std", "min", "max", "q01", "q99"):
+        np.testing.assert_allclose(stats[1][key], stats[0][key], rtol=1e-12, atol=1e-15)
+
+    data = ClipDataConfig(shards=str(tmp_path / "one"), shuffle_buffer=4)
+    model = FinetuneConfig().model
+
+    def actions(rank, batches, position=0):
+        stream = ClipStream(data, model, batch_size=2, seed=0, rank=rank, position=position, world=2)
+        assert stream.split == "strict"  # 11 shards of 4 clips for 2 ranks
+        return [stream.next_batch().actions for _ in range(batches)]
+
+    seen = {rank: {tuple(a.flatten().tolist()) for b in actions(rank, 10) for a in b} for rank in (0, 1)}
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    uninterrupted = actions(1, 6)
+    assert all(torch.equal(a, b) for a, b in zip(actions(1, 2, position=4), uninterrupted[4:], strict=True))

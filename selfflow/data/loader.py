@@ -216,6 +216,22 @@ class EpochShards(IterableDataset):
                 yield {"url": url}
 
 
+def shard_source(
+    urls: list[str], split: str, seed: int, rank: int, world: int, workers: int = 0, where: str = ""
+) -> tuple[IterableDataset, str]:
+    """The first stage of a webdataset pipeline over `urls` for rank `rank` of `world` (and `workers`
+    DataLoader workers each), and which split it is: "strict" (`EpochShards`) or "resample"."""
+    readers = world * max(1, workers)
+    if split == "strict" and len(urls) < readers:
+        raise ValueError(
+            f"{where}: {len(urls)} shards cannot be split strictly between {world} ranks x "
+            f"{max(1, workers)} workers: give more shards or split=resample"
+        )
+    if split == "strict" or (split == "auto" and len(urls) >= readers):
+        return EpochShards(urls, mix_seed(seed, len(urls)), rank, world), "strict"
+    return wds.ResampledShards(urls, seed=mix_seed(seed, rank, len(urls)), deterministic=True), "resample"
+
+
 class LatentStream:
     """An endless iterator of `LatentBatch`es for one modality on rank `rank` of `world`."""
 
@@ -224,19 +240,7 @@ class LatentStream:
         self.urls = shard_list(cfg.shards)
         self.skipped = SkipCounter(cfg.shards, cfg.max_bad_samples)
         self.seed = mix_seed(seed, rank, len(self.urls))
-        readers = world * max(1, cfg.workers)
-        if cfg.split == "strict" and len(self.urls) < readers:
-            raise ValueError(
-                f"{cfg.shards}: {len(self.urls)} shards cannot be split strictly between {world} ranks x "
-                f"{max(1, cfg.workers)} workers: give more shards or split=resample"
-            )
-        self.split = (
-            "strict" if cfg.split == "strict" or (cfg.split == "auto" and len(self.urls) >= readers) else "resample"
-        )
-        if self.split == "strict":
-            shards = EpochShards(self.urls, mix_seed(seed, len(self.urls)), rank, world)
-        else:
-            shards = wds.ResampledShards(self.urls, seed=self.seed, deterministic=True)
+        shards, self.split = shard_source(self.urls, cfg.split, seed, rank, world, cfg.workers, cfg.shards)
         pipeline = wds.DataPipeline(
             shards,
             wds.tarfile_to_samples(handler=self.skipped),

@@ -8,8 +8,12 @@ dataset statistics (`stats.json`: `(a - mean) / std` per dimension) and becomes 
 axis. Instructions become token ids through the sentencepiece model of `text` (the pretrained
 trunk's own, so its learned text embedder keeps its meaning), or no text when `text.kind` is none.
 
-The stream is endless and deterministic: epoch e visits the clips in an order shuffled from
-`(seed, e, rank)`, and `position` (batches delivered, saved in checkpoints) resumes it exactly.
+The stream is endless, deterministic and streamed: shards are split between ranks as the
+pretraining loader splits them (`data.loader.shard_source`: strictly when there are at least as
+many shards as ranks, else resampled), clips pass a shuffle buffer of `shuffle_buffer` clips
+(memory is bounded by the buffer, not by the dataset), and `position` (batches delivered, saved in
+checkpoints) resumes it exactly: the raw clips before it are read again but not decoded. Shards are
+local folders, globs, brace patterns, `pipe:` commands or http(s) URLs (`data.loader.shard_list`).
 
     stream = ClipStream(ClipDataConfig(shards="data/rt1/clips"), model_cfg, batch_size=8, seed=0)
     clip = stream.next_batch(device)   # a video_action.Clip
@@ -17,17 +21,18 @@ The stream is endless and deterministic: epoch e visits the clips in an order sh
 
 import io
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import webdataset as wds
 from PIL import Image
 
 from selfflow.backbone.mmdit import MMDiTConfig
 from selfflow.data.batch import mix_seed
-from selfflow.data.loader import shard_list
-from selfflow.data.raw import read_shard
+from selfflow.data.loader import REMOTE, SPLITS, SkipCounter, shard_list, shard_source
 from selfflow.modalities.builder import ModalityConfig, build_modality
 from selfflow.modalities.text import SentencePieceTokenizer, TextConfig
 from selfflow.robotics.video_action import Clip
@@ -41,6 +46,10 @@ class ClipDataConfig:
     patch: list[int] = field(default_factory=lambda: [1, 8, 8])  # raw video token patch (T, H, W)
     action_dim: int = 7  # world_vector 3 + rotation_delta 3 + gripper 1
     text: TextConfig = field(default_factory=TextConfig)  # sentencepiece of the pretrained trunk, or none
+    # clips held for shuffling (the loader's memory); unknown in any reference, chosen as several
+    # episodes' worth of RT-1 clips (about 40 a successful episode) at a few MB of JPEG frames
+    shuffle_buffer: int = 512
+    split: str = "auto"  # shards between ranks: "strict" | "resample" | "auto" (as `modalities.*.shard_split`)
 
     def __post_init__(self):
         if len(self.frame_size) != 2 or len(self.patch) != 3:
@@ -49,6 +58,8 @@ class ClipDataConfig:
             raise ValueError(f"patch must be [1, h, w] (one frame per token) so frames split by time, got {self.patch}")
         if any(s % p for s, p in zip(self.frame_size, self.patch[1:], strict=True)):
             raise ValueError(f"frame_size {self.frame_size} must be a multiple of the patch {self.patch[1:]}")
+        if self.shuffle_buffer < 1 or self.split not in SPLITS:
+            raise ValueError(f"shuffle_buffer must be >= 1 and split one of {SPLITS}")
 
 
 def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -72,38 +83,45 @@ def frame_tokens(video, frames: list, frame_size: list[int]) -> tuple[torch.Tens
 
 
 class ClipStream:
-    def __init__(self, cfg: ClipDataConfig, model: MMDiTConfig, batch_size: int, seed: int, rank=0, position=0):
-        self.cfg, self.batch_size, self.seed, self.rank = cfg, batch_size, seed, rank
+    def __init__(
+        self, cfg: ClipDataConfig, model: MMDiTConfig, batch_size: int, seed: int, rank=0, position=0, world=1
+    ):
+        self.cfg, self.batch_size = cfg, batch_size
         self.video = build_modality(ModalityConfig("video", "raw", patch=list(cfg.patch)))
         if model.modalities["video"][0] != self.video.token_dim:
             raise ValueError(f"model.modalities.video {model.modalities['video']} != {self.video.token_dim} per token")
+        if cfg.stats is None and cfg.shards.startswith(("pipe:", *REMOTE)):
+            raise ValueError(f"data.stats: give the action statistics of remote clips {cfg.shards} as a local file")
         self.mean, self.std = load_stats(cfg.stats or Path(cfg.shards) / "stats.json")
         self.tokenizer = None
         if cfg.text.kind == "sentencepiece":
             self.tokenizer = SentencePieceTokenizer(cfg.text.path, model.text_max_length)
         elif cfg.text.kind != "none":
             raise ValueError(f"clip text kind {cfg.text.kind!r} is not supported (sentencepiece or none)")
-        self.samples = [s for shard in shard_list(cfg.shards) for s in read_shard(shard)]
-        if not self.samples:
+        urls = shard_list(cfg.shards)
+        first = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=wds.ignore_and_continue))
+        if next(iter(first), None) is None:  # an endless stream over shards without clips would never yield
             raise ValueError(f"no clips in {cfg.shards}")
-        self.position = 0
-        self.order: list[int] = []
-        for _ in range(position):  # exact resume: replay the index draws, skip the decoding
-            self._indices()
+        self.skipped = SkipCounter(cfg.shards, 100)
+        shards, self.split = shard_source(urls, cfg.split, seed, rank, world, where=cfg.shards)
+        buffer = cfg.shuffle_buffer
+        pipeline = wds.DataPipeline(
+            shards,
+            wds.tarfile_to_samples(handler=self.skipped),
+            wds.shuffle(buffer, initial=buffer, rng=random.Random(mix_seed(seed, rank, len(urls)))),
+            wds.map(self.skipped.good),
+        )
+        self.clips = iter(pipeline)
+        self.position = position
+        for _ in range(position * batch_size):  # exact resume: the same raw clips again, not decoded
+            self._next_clip()
 
-    def _indices(self) -> list[int]:
-        picked = []
-        while len(picked) < self.batch_size:
-            if not self.order:
-                epoch = (self.position * self.batch_size + len(picked)) // len(self.samples)
-                rng = np.random.default_rng(mix_seed(self.seed, epoch, self.rank))
-                self.order = list(rng.permutation(len(self.samples)))
-            picked.append(int(self.order.pop()))
-        self.position += 1
-        return picked
+    def _next_clip(self) -> dict:
+        return next(self.clips)
 
     def next_batch(self, device: torch.device | str = "cpu") -> Clip:
-        items = [self.decode(self.samples[i]) for i in self._indices()]
+        items = [self.decode(self._next_clip()) for _ in range(self.batch_size)]
+        self.position += 1
         parts = [torch.cat(tensors) for tensors in zip(*(item[:6] for item in items), strict=True)]
         text = mask = None
         if self.tokenizer is not None:

@@ -47,6 +47,7 @@ from PIL import Image
 from webdataset import TarWriter
 
 from selfflow.progress import progress
+from selfflow.ranks import joined, share, together
 from selfflow.robotics.rt1 import CorruptRecordError, Episode, MalformedEpisodeError, parse_episode, read_tfrecord
 
 ACTION_NAMES = (  # the 7 columns of actions.npy (TFDS fractal20220817_data action descriptions)
@@ -177,17 +178,17 @@ def clip_sample(cfg: ConvertConfig, t: int, episode: Episode, frames: list[bytes
 
 
 class ShardSink:
-    """Writes samples to out_dir/shard-%06d.tar, `per_shard` to a file (deterministic tar: mtime 0, USTAR)."""
+    """Writes samples to out_dir/<prefix>-%06d.tar, `per_shard` to a file (deterministic tar: mtime 0, USTAR)."""
 
-    def __init__(self, out_dir: Path, per_shard: int):
-        self.out_dir, self.per_shard = out_dir, per_shard
+    def __init__(self, out_dir: Path, per_shard: int, prefix: str = "shard"):
+        self.out_dir, self.per_shard, self.prefix = out_dir, per_shard, prefix
         self.shards: list[dict] = []
         self._path, self._writer, self._count = None, None, 0
 
     def write(self, sample: dict) -> None:
         if self._writer is None or self._count == self.per_shard:
             self._finish()
-            self._path = self.out_dir / f"shard-{len(self.shards):06d}.tar"
+            self._path = self.out_dir / f"{self.prefix}-{len(self.shards):06d}.tar"
             # given a path string the writer owns (and closes) the file
             self._writer = TarWriter(str(self._path), encoder=False, mtime=0, format=tarfile.USTAR_FORMAT)
             self._count = 0
@@ -244,20 +245,62 @@ def filter_reason(episode: Episode, num_anchors: int, cfg: ConvertConfig) -> str
 
 
 def convert(cfg: ConvertConfig) -> dict:
-    """Convert the episodes of `cfg.input` into clip shards under `cfg.out_dir`; returns (and writes) the summary."""
+    """Convert the episodes of `cfg.input` into clip shards under `cfg.out_dir`; returns (and writes) the
+    summary. Under torchrun / srun process r of W converts every W-th TFRecord file into its own shards
+    (`shard-<r>-<i>.tar`; one process writes `shard-<i>.tar`), keeps its share of `max_episodes`, and
+    rank 0 writes `stats.json` over every process's kept actions and `summary.json`."""
+    with joined("cpu") as (rank, world, _):
+        return convert_share(cfg, rank, world)
+
+
+def convert_share(cfg: ConvertConfig, rank: int, world: int) -> dict:
     files = find_shards(cfg.input)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("shard-*.tar"):  # a previous, larger run must not leave extra shards behind
-        stale.unlink()
+
+    def clear() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob("shard-*.tar"):  # a previous, larger run must not leave extra shards behind
+            stale.unlink()
+
+    together(lambda: clear() if rank == 0 else None)
+    limit = None if cfg.max_episodes is None else len(share(cfg.max_episodes, rank, world))
+    parts = together(
+        lambda: convert_files(cfg, files[rank::world], limit, "shard" if world == 1 else f"shard-{rank:04d}")
+    )
+    corrupt = [err for part in parts for err in part["corrupt"]]
+    kept = [a for part in parts for a in part["actions"]]
+    stats = action_stats(np.concatenate(kept) if kept else np.zeros((0, len(ACTION_NAMES))))
+    summary = {
+        "episodes_read": sum(part["episodes_read"] for part in parts),
+        "episodes_kept": len(kept),
+        "filtered": dict(sorted(sum((Counter(part["filtered"]) for part in parts), Counter()).items())),
+        "corrupt_records": len(corrupt),
+        "corrupt_by_file": dict(sorted(Counter(err["file"] for err in corrupt).items())),
+        "corrupt": corrupt,
+        "steps_converted": stats["count"],
+        "clips_written": sum(part["clips"] for part in parts),
+        "shards": [shard for part in parts for shard in part["shards"]],
+        "files": [p.name for p in files],
+        "processes": world,
+        "config": asdict(cfg),
+    }
+    if rank == 0:
+        (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    together(lambda: None)  # every process returns after the summary exists
+    return summary
+
+
+def convert_files(cfg: ConvertConfig, files: list[Path], limit: int | None, prefix: str) -> dict:
+    """One process's files -> its shards; what the summary and the statistics need from them."""
     corrupt: list[CorruptRecordError] = []
     filtered: Counter[str] = Counter()
     kept_actions: list[np.ndarray] = []
     episodes_read = clips = 0
-    sink = ShardSink(out, cfg.samples_per_shard)
+    sink = ShardSink(Path(cfg.out_dir), cfg.samples_per_shard, prefix)
     with progress(desc="rt1 convert", unit="episode") as bar:
         for path in files:
-            if cfg.max_episodes is not None and len(kept_actions) >= cfg.max_episodes:
+            if limit is not None and len(kept_actions) >= limit:
                 break
             for index, record in _records(path, corrupt):
                 written = _convert_record(cfg, path, index, record, sink, corrupt, filtered)
@@ -268,26 +311,16 @@ def convert(cfg: ConvertConfig) -> dict:
                         kept_actions.append(written[1])
                 bar.update()
                 bar.set_postfix(clips=clips, corrupt=len(corrupt))
-                if cfg.max_episodes is not None and len(kept_actions) >= cfg.max_episodes:
+                if limit is not None and len(kept_actions) >= limit:
                     break
-    shards = sink.close()
-    stats = action_stats(np.concatenate(kept_actions) if kept_actions else np.zeros((0, len(ACTION_NAMES))))
-    summary = {
+    return {
         "episodes_read": episodes_read,
-        "episodes_kept": len(kept_actions),
-        "filtered": dict(sorted(filtered.items())),
-        "corrupt_records": len(corrupt),
-        "corrupt_by_file": dict(sorted(Counter(err.path.name for err in corrupt).items())),
+        "actions": kept_actions,
+        "filtered": dict(filtered),
         "corrupt": [err.as_dict() for err in corrupt],
-        "steps_converted": stats["count"],
-        "clips_written": clips,
-        "shards": shards,
-        "files": [p.name for p in files],
-        "config": asdict(cfg),
+        "clips": clips,
+        "shards": sink.close(),
     }
-    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
 
 
 def _convert_record(

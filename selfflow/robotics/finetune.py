@@ -94,7 +94,7 @@ class FinetuneTask:
 
     def open_data(self, rank: int, world: int, positions: dict[str, int]) -> None:
         cfg = self.cfg
-        self.clips = ClipStream(cfg.data, cfg.model, cfg.batch_size, cfg.seed, rank, positions.get("clips", 0))
+        self.clips = ClipStream(cfg.data, cfg.model, cfg.batch_size, cfg.seed, rank, positions.get("clips", 0), world)
 
     def positions(self) -> dict[str, int]:
         return {"clips": self.clips.position}
