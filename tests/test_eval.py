@@ -335,3 +335,55 @@ def test_two_processes_evaluate_their_shares_to_the_one_process_numbers(data, tm
     assert not (
         tmp_path / "two" / "samples" / "video_003.gif"
     ).exists()  # save_media=3: items 0, 1 (rank 0), 2 (rank 1)
+
+
+def test_prepare_and_eval_read_shards_over_http(data, tmp_path):
+    """Raw shards and prepared data where clusters keep them: a real HTTP server on loopback serves the
+    raw and prepared folders; `selfflow prepare` reads raw shards given as an http brace pattern and
+    writes what it writes from the local files, and `selfflow eval` of `eval.data=http://...` (shards
+    listed by the served manifest) gives the numbers of the local folder."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(data)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        image_only = ["modalities.video=null", "modalities.audio=null", "workers=1"]
+        prepare = ["prepare", "--config", "configs/data/prepare_tiny.yaml", *image_only]
+        assert main([*prepare, f"raw_dir={data / 'raw'}", f"out_dir={tmp_path / 'local'}"]) == 0
+        count = len(list((data / "raw" / "image").glob("*.tar")))
+        pattern = f"{base}/raw/image/shard-{{000000..{count - 1:06d}}}.tar"
+        assert main([*prepare, f"shards.image={pattern}", f"out_dir={tmp_path / 'remote'}"]) == 0
+        for local in sorted((tmp_path / "local" / "image").glob("*.tar")):
+            remote = tmp_path / "remote" / "image" / local.name
+            assert latent_members(remote) == latent_members(local), local.name
+
+        model = tiny_model()
+        export = tmp_path / "tiny.safetensors"
+        meta = {"format": "selfflow-export-1", "model_config": json.dumps(asdict(model.cfg)), "step": "0"}
+        from safetensors.torch import save_file
+
+        save_file(model.state_dict(), str(export), metadata={**meta, "weights": "ema"})
+        keys = [f"checkpoint={export}", "device=cpu", f"eval.feature_nets={data / 'nets'}", "eval.modalities=[image]"]
+        keys += ["eval.num_samples=4", "eval.sampler.num_steps=2", "eval.save_media=2"]
+        assert main(["eval", *keys, f"eval.data={data / 'lat'}", f"out_dir={tmp_path / 'e_local'}"]) == 0
+        assert main(["eval", *keys, f"eval.data={base}/lat", f"out_dir={tmp_path / 'e_remote'}"]) == 0
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    local, remote = (
+        json.loads((tmp_path / d / "eval.json").read_text())["metrics"]["image"] for d in ("e_local", "e_remote")
+    )
+    assert remote["fd_builtin"] == local["fd_builtin"] and remote["caption_accuracy"] == local["caption_accuracy"]
+
+
+def latent_members(path) -> dict:
+    import webdataset as wds
+
+    return {s["__key__"]: (s["latent.pth"], s["txt"], s["json"]) for s in wds.WebDataset(str(path), shardshuffle=False)}

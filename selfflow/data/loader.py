@@ -106,7 +106,7 @@ def shard_list(pattern: str) -> list[str]:
     pattern (`shard-{000000..000999}.tar`), a `pipe:` command, or http(s) URLs (fetched with `CURL`)."""
     if pattern.startswith(("pipe:", *REMOTE)):
         urls = list(braceexpand.braceexpand(pattern))
-        return [f"pipe:{CURL} {shlex.quote(url)}" if url.startswith(REMOTE) else url for url in urls]
+        return [fetched(url) if url.startswith(REMOTE) else url for url in urls]
     path = Path(pattern)
     if path.is_dir():
         urls = sorted(glob.glob(str(path / "*.tar")))
@@ -115,6 +115,44 @@ def shard_list(pattern: str) -> list[str]:
     if not urls:
         raise FileNotFoundError(f"no latent shards (*.tar) found at {pattern}")
     return urls
+
+
+def fetched(url: str) -> str:
+    """How an http(s) shard URL is opened: a `pipe:` through curl with `CURL`'s limits."""
+    return f"pipe:{CURL} {shlex.quote(url)}"
+
+
+def data_manifest(data_dir: str) -> dict:
+    """The `manifest.json` of a `selfflow prepare` output folder, local or at an http(s) URL."""
+    if data_dir.startswith(REMOTE):
+        url = data_dir.rstrip("/") + "/manifest.json"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return json.loads(response.read())
+        except (OSError, ValueError) as err:
+            raise FileNotFoundError(f"cannot read {url}: {err}") from None
+    path = Path(data_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no manifest.json in {data_dir} (is it `selfflow prepare` output?)")
+    return json.loads(path.read_text())
+
+
+def has_modality(data_dir: str, name: str) -> bool:
+    """Whether a prepared folder (local, or at an http(s) URL: per its manifest) holds modality `name`."""
+    if data_dir.startswith(REMOTE):
+        return bool(data_manifest(data_dir).get("modalities", {}).get(name, {}).get("shards"))
+    return (Path(data_dir) / name).is_dir()
+
+
+def modality_shards(data_dir: str, name: str) -> list[str]:
+    """The latent shards of modality `name` of a prepared folder, in order: its `*.tar` locally; at an
+    http(s) URL those its manifest lists, fetched through curl (`fetched`)."""
+    if not data_dir.startswith(REMOTE):
+        return shard_list(str(Path(data_dir) / name))
+    entry = data_manifest(data_dir).get("modalities", {}).get(name)
+    if not entry or not entry.get("shards"):
+        raise ValueError(f"{data_dir}/manifest.json lists no shards of modality {name!r}")
+    return [fetched(f"{data_dir.rstrip('/')}/{shard['path']}") for shard in entry["shards"]]
 
 
 def read_manifest(shards: str) -> tuple[str, dict] | None:

@@ -49,6 +49,7 @@ import torch
 from tqdm import tqdm
 
 from selfflow.config import save_config
+from selfflow.data.loader import shard_list
 from selfflow.data.prepare_worker import (
     CAPTION_CUT,
     DAMAGED_SHARD,
@@ -92,6 +93,9 @@ def default_text() -> TextConfig:
 @dataclass
 class PrepareConfig:
     raw_dir: str = "data/synth/raw"  # <modality>/*.tar raw webdataset shards (the `selfflow synth` layout)
+    # per modality, raw shards elsewhere instead of raw_dir/<modality>/*.tar: a glob, a brace pattern,
+    # a `pipe:` command or http(s) URLs (`shards.image="https://host/raw/image-{000000..000999}.tar"`)
+    shards: dict[str, str] = field(default_factory=dict)
     out_dir: str = "data/synth/latents"
     # key: the folder under raw_dir and out_dir; `modalities.video=null` drops one
     modalities: dict[str, ModalityConfig] = field(default_factory=tiny_modalities)
@@ -135,7 +139,7 @@ def prepare_share(cfg: PrepareConfig, rank: int, world: int) -> dict:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' asked for, but no GPU is visible")
     out = Path(cfg.out_dir)
-    sources = {key: raw_shards(cfg.raw_dir, key) for key in cfg.modalities}
+    sources = {key: raw_shards(cfg, key) for key in cfg.modalities}
     order = [(key, i) for key in sources for i in range(len(sources[key]))]  # every output shard, in order
     mine = order[rank::world]
     want = cfg.text.kind == "sentencepiece"
@@ -186,11 +190,16 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
 
 
-def shard_fingerprint(src: Path, modality: ModalityConfig, cfg: PrepareConfig, text_sha: str | None) -> str:
-    """What an output shard depends on: the raw shard (path, size, mtime), the adapter, the text setup
+def shard_identity(src: str) -> list:
+    """A raw shard as fingerprints see it: a local file by path, size and mtime; a remote one by its URL."""
+    path = Path(src)
+    return [src, path.stat().st_size, path.stat().st_mtime_ns] if path.is_file() else [src]
+
+
+def shard_fingerprint(src: str, modality: ModalityConfig, cfg: PrepareConfig, text_sha: str | None) -> str:
+    """What an output shard depends on: the raw shard (`shard_identity`), the adapter, the text setup
     (and the sentencepiece model's sha256), the stored dtype. A marker with another fingerprint is stale."""
-    stat = src.stat()
-    inputs = {"src": str(src), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "modality": asdict(modality)}
+    inputs = {"src": shard_identity(src), "modality": asdict(modality)}
     inputs |= {"text": asdict(cfg.text), "text_sha256": text_sha, "dtype": cfg.dtype}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
@@ -211,7 +220,7 @@ def audio_stats(pool, messages, key, mcfg, sources, mine, counts, out) -> Modali
     moments are merged exactly, rank 0 writes `latent_stats.json`. Kept when an earlier run wrote it
     for the same shards and adapter (its marker's fingerprint matches)."""
     path = out / key / "latent_stats.json"
-    inputs = {"shards": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in sources], "modality": asdict(mcfg)}
+    inputs = {"shards": [shard_identity(p) for p in sources], "modality": asdict(mcfg)}
     fingerprint = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
     done = Path(f"{path}.done")
     if not (path.is_file() and done.is_file() and done.read_text().strip() == fingerprint):
@@ -235,7 +244,7 @@ def encode_share(pool, messages, tasks: list[ShardTask], counts, rank: int, worl
     todo = [task for task in tasks if kept[task.index] is None]
     if rank == 0 and len(todo) < len(tasks):
         tqdm.write(f"prepare: {len(tasks) - len(todo)} of this process's shards are complete from an earlier run")
-    total = sum(counts[task.key, Path(task.src)] for task in todo)
+    total = sum(counts[task.key, task.src] for task in todo)
     desc = "prepare" if world == 1 else f"prepare (process 0 of {world})"
     done = {r.task.index: r for r in run_tasks(pool, messages, todo, total, desc, show=rank == 0)}
     for index, result in kept.items():
@@ -245,15 +254,19 @@ def encode_share(pool, messages, tasks: list[ShardTask], counts, rank: int, worl
     return [done[task.index] for task in tasks]
 
 
-def raw_shards(raw_dir: str, key: str) -> list[Path]:
-    folder = Path(raw_dir) / key
-    urls = sorted(folder.glob("*.tar"))
+def raw_shards(cfg: PrepareConfig, key: str) -> list[str]:
+    """The raw shards of modality `key`: `cfg.shards[key]` (as training's loader reads shard lists) or
+    raw_dir/<key>/*.tar."""
+    if key in cfg.shards:
+        return shard_list(cfg.shards[key])
+    folder = Path(cfg.raw_dir) / key
+    urls = sorted(str(p) for p in folder.glob("*.tar"))
     if not urls:
         raise FileNotFoundError(f"no raw shards (*.tar) in {folder} (drop the modality with modalities.{key}=null)")
     return urls
 
 
-def scan_shards(shards: dict[tuple[str, int], Path], want_captions: bool) -> tuple[dict, dict]:
+def scan_shards(shards: dict[tuple[str, int], str], want_captions: bool) -> tuple[dict, dict]:
     """Samples per shard (for the progress bars) and each shard's captions, reading only the `txt` members."""
     counts, captions = defaultdict(int), defaultdict(list)
     wanted = {"txt"} if want_captions else set()

@@ -9,12 +9,18 @@ dot of its basename, as webdataset groups them): `image-000042.png`, `image-0000
 
 A tar that ends early or holds garbage raises `ShardError` after the samples before the damage:
 tarfile itself stops silently at a truncated or unreadable header, so `read_shard` also checks
-that the archive ends with its two zero blocks.
+that the archive ends with its two zero blocks. A shard given as a `pipe:` command (how
+`data.loader.shard_list` names http(s) URLs: curl with timeouts, retries and a stall limit) is
+first written to a temporary file; a command that fails is a `ShardError` naming the shard.
 """
 
 import io
+import shlex
+import subprocess
 import tarfile
+import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +49,37 @@ def split_name(name: str) -> tuple[str, str] | None:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
+def shard_name(url: str | Path) -> str:
+    """The file name of a shard, also of one fetched by a `pipe:` command (its last argument)."""
+    text = str(url)
+    return Path(shlex.split(text[5:])[-1] if text.startswith("pipe:") else text).name
+
+
+@contextmanager
+def local_copy(url: str | Path) -> Iterator[Path]:
+    """A local path of shard `url`: the file itself, or a temporary file holding a `pipe:` command's output."""
+    text = str(url)
+    if not text.startswith("pipe:"):
+        yield Path(url)
+        return
+    with tempfile.NamedTemporaryFile(suffix=".tar") as tmp:
+        done = subprocess.run(text[5:], shell=True, stdout=tmp, stderr=subprocess.PIPE, check=False)  # noqa: S602
+        if done.returncode:
+            why = done.stderr.decode(errors="replace").strip()[-300:]
+            raise ShardError(f"{shard_name(url)}: fetching failed (exit {done.returncode}): {why}")
+        tmp.flush()
+        yield Path(tmp.name)
+
+
 def read_shard(path: str | Path, wanted: set[str] | None = None) -> Iterator[dict]:
-    """The samples of a tar in order. Only members in `wanted` (None: all) are read; every key yields a
-    sample. A `ShardError` after the last good sample if the archive is truncated or corrupt."""
-    path = Path(path)
+    """The samples of a tar in order (a local file or a `pipe:` command). Only members in `wanted` (None:
+    all) are read; every key yields a sample. A `ShardError` after the last good sample if the archive
+    is truncated or corrupt."""
+    with local_copy(path) as local:
+        yield from _read_tar(local, shard_name(path), wanted)
+
+
+def _read_tar(path: Path, name: str, wanted: set[str] | None) -> Iterator[dict]:
     try:
         with tarfile.open(path, "r:") as tar:
             sample: dict | None = None
@@ -66,9 +99,9 @@ def read_shard(path: str | Path, wanted: set[str] | None = None) -> Iterator[dic
             f.seek(end)
             tail = f.read(END_OF_ARCHIVE)
     except (tarfile.TarError, OSError, EOFError) as err:
-        raise ShardError(f"{path.name}: {err}") from err
+        raise ShardError(f"{name}: {err}") from err
     if len(tail) < END_OF_ARCHIVE or any(tail):
-        raise ShardError(f"{path.name}: truncated or unreadable after byte {end}")
+        raise ShardError(f"{name}: truncated or unreadable after byte {end}")
     if sample is not None:  # the last sample counts only once the archive is known to be whole
         yield sample
 

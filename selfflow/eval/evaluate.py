@@ -50,6 +50,7 @@ from tqdm import tqdm
 from selfflow.backbone.checkpoint import load_export
 from selfflow.backbone.mmdit import MMDiT
 from selfflow.config import save_config
+from selfflow.data.loader import data_manifest, has_modality
 from selfflow.eval import captions, media
 from selfflow.eval.builtin_features import load_feature_net, train_feature_net
 from selfflow.eval.generate import EvalSet, data_modality, decode, generate, read_eval_set
@@ -69,7 +70,7 @@ REAL = "real"  # key of the real items' media (what the samples were conditioned
 class EvalConfig:
     """What to evaluate and how; shared by `selfflow eval` and training's periodic evaluation."""
 
-    data: str = "data/demo/latents"  # prepared latent shards (`selfflow prepare` out_dir)
+    data: str = "data/demo/latents"  # prepared latent shards (`selfflow prepare` out_dir), a folder or an http(s) URL
     modalities: list[str] = field(default_factory=lambda: list(MODALITIES))  # those the model and data share
     num_samples: int = 64  # per modality
     batch_size: int = 32
@@ -151,7 +152,7 @@ def evaluate(model: MMDiT, cfg: EvalConfig, out: Path, step: int) -> dict | None
     rank, world = rank_world()
     if cfg.num_samples < world:
         raise ValueError(f"eval.num_samples ({cfg.num_samples}) must be at least the number of processes ({world})")
-    names = [m for m in cfg.modalities if m in model.cfg.modalities and (Path(cfg.data) / m).is_dir()]
+    names = [m for m in cfg.modalities if m in model.cfg.modalities and has_modality(cfg.data, m)]
     if not names:
         raise ValueError(f"no modality of {cfg.modalities} is both in the model and in {cfg.data}")
     result = {"step": step, "protocol": {**protocol(cfg), "processes": world}, "metrics": {}, "weights_sha256": {}}
@@ -205,8 +206,7 @@ def set_label(cfg_scale: float) -> str:
 def modality_rate(cfg: EvalConfig, name: str) -> int | None:
     if name != "audio":
         return None
-    manifest = json.loads((Path(cfg.data) / "manifest.json").read_text())
-    return int(manifest["modalities"]["audio"]["modality"].get("sample_rate") or 48000)
+    return int(data_manifest(cfg.data)["modalities"]["audio"]["modality"].get("sample_rate") or 48000)
 
 
 def protocol(cfg: EvalConfig) -> dict:
@@ -319,7 +319,7 @@ def builtin_net(name: str, cfg: EvalConfig):
 
     def train_if_missing() -> None:
         if rank == 0 and not path.is_file():
-            raw_dir = json.loads((Path(cfg.data) / "manifest.json").read_text())["raw_dir"]
+            raw_dir = data_manifest(cfg.data)["raw_dir"]
             tqdm.write(f"training the built-in {name} feature net on {raw_dir}/{name} -> {path}")
             train_feature_net(name, Path(raw_dir) / name, path)
 

@@ -25,12 +25,12 @@ from torch import Tensor
 
 from selfflow.backbone.mmdit import MMDiT
 from selfflow.data.batch import stack_text
-from selfflow.data.loader import decode_sample, prepared_modality, shard_list
+from selfflow.data.loader import data_manifest, decode_sample, modality_shards
 from selfflow.data.raw import read_shard
 from selfflow.eval.sample import sample_seed
 from selfflow.flow.samplers import PerSampleNoise, SamplerConfig, sample
 from selfflow.modalities.base import Modality
-from selfflow.modalities.builder import build_modality
+from selfflow.modalities.builder import ModalityConfig, build_modality
 
 
 class EvalSet(NamedTuple):
@@ -49,7 +49,7 @@ def read_eval_set(data_dir: str | Path, modality: str, count: int, allow_fewer: 
     """The first `count` items of `data_dir/<modality>/*.tar` (all with the first item's token shape);
     with `allow_fewer`, all of them when there are fewer."""
     samples, metas = [], []
-    for shard in shard_list(str(Path(data_dir) / modality)):
+    for shard in modality_shards(str(data_dir), modality):
         for raw in read_shard(shard, {"latent.pth", "text.pth", "json", "txt"}):
             meta = json.loads(raw["json"]) if "json" in raw else {}
             decoded = decode_sample(raw)
@@ -81,7 +81,10 @@ def read_eval_set(data_dir: str | Path, modality: str, count: int, allow_fewer: 
 
 def data_modality(data_dir: str | Path, name: str) -> Modality:
     """The modality adapter that `selfflow prepare` used for `data_dir` (from its manifest.json)."""
-    return build_modality(prepared_modality(str(Path(data_dir) / name), name))
+    entry = data_manifest(str(data_dir)).get("modalities", {}).get(name)
+    if entry is None or "modality" not in entry:
+        raise ValueError(f"{data_dir}/manifest.json records no modality {name!r}")
+    return build_modality(ModalityConfig(**entry["modality"]))
 
 
 @torch.no_grad()
