@@ -93,9 +93,6 @@ def default_text() -> TextConfig:
 @dataclass
 class PrepareConfig:
     raw_dir: str = "data/synth/raw"  # <modality>/*.tar raw webdataset shards (the `selfflow synth` layout)
-    # per modality, raw shards elsewhere instead of raw_dir/<modality>/*.tar: a glob, a brace pattern,
-    # a `pipe:` command or http(s) URLs (`shards.image="https://host/raw/image-{000000..000999}.tar"`)
-    shards: dict[str, str] = field(default_factory=dict)
     out_dir: str = "data/synth/latents"
     # key: the folder under raw_dir and out_dir; `modalities.video=null` drops one
     modalities: dict[str, ModalityConfig] = field(default_factory=tiny_modalities)
@@ -106,6 +103,9 @@ class PrepareConfig:
     workers: int = 2  # worker processes, one shard per task
     batch_size: int = 16  # media per autoencoder call
     device: str = "cpu"  # cpu | cuda (workers take the visible GPUs in turn)
+    # per modality, raw shards elsewhere instead of raw_dir/<modality>/*.tar: a glob, a brace pattern,
+    # a `pipe:` command or http(s) URLs (`shards.image="https://host/raw/image-{000000..000999}.tar"`)
+    shards: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.text.path:
