@@ -36,6 +36,8 @@ def joined(device: str = "auto") -> Iterator[tuple[int, int, torch.device]]:
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
     local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
     name = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but no GPU is visible")
     here = torch.device("cuda", local % torch.cuda.device_count()) if name == "cuda" else torch.device(name)
     start = world > 1 and not dist.is_initialized()
     if start:

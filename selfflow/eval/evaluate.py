@@ -158,28 +158,33 @@ def evaluate(model: MMDiT, cfg: EvalConfig, out: Path, step: int) -> dict | None
     result = {"step": step, "protocol": {**protocol(cfg), "processes": world}, "metrics": {}, "weights_sha256": {}}
     result["media"] = {}
     for name in names:
-        start = time.perf_counter()
-        items = read_eval_set(cfg.data, name, cfg.num_samples)
-        modality = data_modality(cfg.data, name)
-        mine = share(len(items.keys), rank, world)
-        scorer = Scorer(name, items, cfg)
-        real = scorer.gathered(decode(modality, items.x0[mine.start : mine.stop], items), mine)
-        sets = {"": cfg.sampler, **({GUIDED: guided_sampler(cfg)} if cfg.guided_cfg else {})}
-        metrics, files = {}, {}
-        for key, sampler in sets.items():
-            tokens = generate(model.eval(), items, sampler, cfg.seed, cfg.batch_size, indices=mine)
-            fake = scorer.gathered(decode(modality, tokens, items), mine)
-            if rank == 0:
-                scores = scorer.scores(real, fake)
-                if key:
-                    metrics[key] = scores
-                else:
-                    metrics.update(scores, **scorer.real_scores(real))
-                files[key] = save_samples(
-                    name, fake["media"], items, out / "samples", cfg, prefix=f"{key}_" if key else ""
-                )
-        if rank != 0:
-            continue
+        evaluate_modality(model, cfg, out, step, name, result)
+    return result if rank == 0 else None
+
+
+def evaluate_modality(model: MMDiT, cfg: EvalConfig, out: Path, step: int, name: str, result: dict) -> None:
+    """One modality's sets of samples, scored into `result` (rank 0). Every rank-0-only part runs inside
+    `together`, so a failure there stops every rank at the same point."""
+    start = time.perf_counter()
+    rank, world = rank_world()
+    items = read_eval_set(cfg.data, name, cfg.num_samples)
+    modality = data_modality(cfg.data, name)
+    mine = share(len(items.keys), rank, world)
+    scorer = Scorer(name, items, cfg)
+    real = scorer.gathered(decode(modality, items.x0[mine.start : mine.stop], items), mine)
+    sets = {"": cfg.sampler, **({GUIDED: guided_sampler(cfg)} if cfg.guided_cfg else {})}
+    metrics, files = {}, {}
+
+    def score_set(key: str, fake: dict) -> None:
+        scores = scorer.scores(real, fake)
+        if key:
+            metrics[key] = scores
+        else:
+            metrics.update(scores, **scorer.real_scores(real))
+        prefix = f"{key}_" if key else ""
+        files[key] = save_samples(name, fake["media"], items, out / "samples", cfg, prefix=prefix)
+
+    def finish() -> None:
         result["media"][name] = files.pop("")
         result["media"][name][REAL] = save_samples(name, real["media"], items, out / "samples", cfg, prefix="real_")
         result["media"][name].update(files)
@@ -190,7 +195,12 @@ def evaluate(model: MMDiT, cfg: EvalConfig, out: Path, step: int) -> dict | None
         result["metrics"][name] = metrics
         result["weights_sha256"].update(scorer.weights)
         tqdm.write(f"eval {name} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in flat(metrics).items()))
-    return result if rank == 0 else None
+
+    for key, sampler in sets.items():
+        tokens = generate(model.eval(), items, sampler, cfg.seed, cfg.batch_size, indices=mine)
+        fake = scorer.gathered(decode(modality, tokens, items), mine)
+        together(lambda key=key, fake=fake: score_set(key, fake) if rank == 0 else None)
+    together(lambda: finish() if rank == 0 else None)
 
 
 def guided_sampler(cfg: EvalConfig) -> SamplerConfig:
