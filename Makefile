@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo compare test lint clean
+.PHONY: demo compare test lint clean help-keys
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -80,7 +80,11 @@ lint: $(STAMP)
 # when missing and apt can (root, or passwordless sudo); without it that test fails and says so.
 CHROMIUM := $(shell command -v chromium || command -v chromium-browser)
 
-test: lint
+# `--help`'s key listings, precomputed for this exact source (selfflow/cli.py: HELP_KEYS)
+help-keys: $(STAMP)
+	$(BIN)/python -c "from selfflow.cli import write_help_keys; write_help_keys()"
+
+test: lint help-keys
 ifeq ($(CHROMIUM),)
 	-( [ "$$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null ) || \
 	  ( [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null ) || \

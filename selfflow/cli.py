@@ -13,6 +13,8 @@ config next to its outputs.
 """
 
 import argparse
+import hashlib
+import json
 import sys
 import textwrap
 from pathlib import Path
@@ -33,6 +35,41 @@ def _keys_epilog(cls: type, verb: str) -> str:
     example = f"{key}={str(value).lower() if isinstance(value, bool) else value}"
     lines += ["", f"example: selfflow {verb} --config PRESET.yaml {example}"]
     return "\n".join(lines)
+
+
+# The key listings of every verb's `--help`, written by `make help-keys` (which `make test` runs) for
+# the exact source they were built from: building one imports the verb's modules, torch included
+# (1.5-2 s), reading it takes milliseconds. Used only while `source_digest()` matches, so it is never
+# stale: after any change to the package's code `--help` builds the listing from the classes again.
+HELP_KEYS = Path(__file__).with_name("help_keys.json")
+
+
+def source_digest() -> str:
+    """sha256 over the package's Python sources (names and contents)."""
+    digest = hashlib.sha256()
+    root = Path(__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _epilog(job: str) -> str:
+    """The key listing of `job`'s help: from `HELP_KEYS` when it was written for this source, else built."""
+    try:
+        cached = json.loads(HELP_KEYS.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if isinstance(cached, dict) and cached.get("source") == source_digest() and job in cached.get("epilogs", {}):
+        return cached["epilogs"][job]
+    return _keys_epilog(_job_config(job), job)
+
+
+def write_help_keys() -> Path:
+    """Write `HELP_KEYS` for every verb with a config (`make help-keys`)."""
+    jobs = [*DESCRIPTIONS, *(f"robotics {job}" for job in ROBOTICS)]
+    epilogs = {job: _keys_epilog(_job_config(job), job) for job in jobs}
+    HELP_KEYS.write_text(json.dumps({"source": source_digest(), "epilogs": epilogs}, indent=1) + "\n")
+    return HELP_KEYS
 
 
 def _job_config(job: str) -> type:
@@ -191,7 +228,7 @@ def build_parser(selected: str | None) -> argparse.ArgumentParser:
             job,
             help=help_text,
             description=description,
-            epilog=_keys_epilog(_job_config(job), job) if job == selected else None,
+            epilog=_epilog(job) if job == selected else None,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         _add_job_arguments(job_parser)
@@ -209,7 +246,7 @@ def build_parser(selected: str | None) -> argparse.ArgumentParser:
             job,
             help=help_text,
             description=description,
-            epilog=_keys_epilog(_job_config(name), name) if selected == (name := f"robotics {job}") else None,
+            epilog=_epilog(name) if selected == (name := f"robotics {job}") else None,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         _add_job_arguments(job_parser)

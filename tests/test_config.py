@@ -1,5 +1,6 @@
 """Config loading: presets, overrides, and errors that name the key and the file."""
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,19 +176,48 @@ def test_an_unknown_key_suggests_the_closest():
         load_config(PretrainConfig, None, ["model.hiden_size=64"])
 
 
-def test_help_does_not_import_deepspeed():
-    """DeepSpeed, diffusers, transformers and MLflow (seconds each to import) are loaded when a job
-    runs, not for `--help`."""
+def help_probe(keys_file: Path, *lines: str) -> str:
+    """Run `selfflow train --help` in a fresh interpreter with `cli.HELP_KEYS` at `keys_file`."""
     import subprocess
     import sys
 
-    probe = (
-        "import sys, contextlib, io\n"
-        "from selfflow.cli import main\n"
-        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
-        "    main(['train', '--help'])\n"
-        "heavy = [m for m in ('deepspeed', 'diffusers', 'transformers', 'mlflow') if m in sys.modules]\n"
-        "print(heavy, 'selfflow.training.engine' in sys.modules)\n"
+    probe = "\n".join(
+        [
+            "import sys, contextlib, io",
+            "from pathlib import Path",
+            "import selfflow.cli as cli",
+            f"cli.HELP_KEYS = Path({str(keys_file)!r})",
+            "out = io.StringIO()",
+            "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(out):",
+            "    cli.main(['train', '--help'])",
+            *lines,
+        ]
     )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO).stdout
+
+
+def test_help_does_not_import_deepspeed(tmp_path):
+    """DeepSpeed, diffusers, transformers and MLflow (seconds each to import) are loaded when a job
+    runs, not for `--help`, even when it builds the key listing from the config classes."""
+    heavy = "heavy = [m for m in ('deepspeed', 'diffusers', 'transformers', 'mlflow') if m in sys.modules]"
+    out = help_probe(tmp_path / "absent.json", heavy, "print(heavy, 'selfflow.training.engine' in sys.modules)")
     assert out.split() == ["[]", "True"]  # the training modules were read, none of the heavy libraries
+
+
+def test_help_keys_file_serves_help_without_importing_torch_and_only_for_its_source(tmp_path):
+    """`make help-keys` precomputes every verb's key listing for the exact source: `--help` then
+    imports no torch (the listing is read, not built); a file written for other source is ignored."""
+    import subprocess
+    import sys
+
+    keys_file = tmp_path / "help_keys.json"
+    write = f"import selfflow.cli as cli; from pathlib import Path; cli.HELP_KEYS = Path({str(keys_file)!r}); "
+    subprocess.run([sys.executable, "-c", write + "cli.write_help_keys()"], check=True, cwd=REPO)
+    built = help_probe(tmp_path / "absent.json", "print(out.getvalue())")
+    served = help_probe(keys_file, "print(out.getvalue())", "print('torch imported:', 'torch' in sys.modules)")
+    assert served.rstrip().endswith("torch imported: False")
+    assert served.rsplit("torch imported:", 1)[0] == built  # the same help, keys and comments included
+    stale = json.loads(keys_file.read_text()) | {"source": "0" * 64}
+    keys_file.write_text(json.dumps({**stale, "epilogs": {"train": "config keys: STALE"}}))
+    ignored = help_probe(keys_file, "print(out.getvalue())")
+    assert "STALE" not in ignored and ignored == built
