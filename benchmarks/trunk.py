@@ -1,8 +1,10 @@
 """Trunk throughput: tokens/s of forward and forward + backward for the SiT and MMDiT trunks.
 
 For each trunk, width and sequence length it prints tokens/s (forward with scalar `t`, forward
-with per-token `t` holding two distinct values per sample as dual-timestep training makes,
-and forward + backward), the per-token / scalar forward-time ratio (target <= 1.05), the
+with per-token `t` holding two distinct values per sample as dual-timestep training makes, given
+as a dense `(B, L)` tensor (rows found by `torch.unique`, a host sync on a GPU) and as
+`TwoTimesteps(t, s, mask)` (what training passes: fixed rows, no sync), and forward + backward),
+the per-token / scalar forward-time ratios (target <= 1.05), the
 activation memory saved for backward with and without per-block activation checkpointing
 (summed over autograd's saved tensors, so it is exact on any device), and on CUDA the peak
 allocated memory.
@@ -18,6 +20,7 @@ from dataclasses import replace
 
 import torch
 
+from selfflow.backbone.layers import TwoTimesteps
 from selfflow.backbone.mmdit import MMDiTConfig, build_mmdit
 from selfflow.backbone.sit import SiT, SiTConfig
 
@@ -64,8 +67,8 @@ def inputs(kind, cfg, batch: int, length: int, device, dtype):
     t = torch.rand(batch, generator=gen)
     s = torch.rand(batch, generator=gen)
     mask = torch.rand(batch, x.shape[1], generator=gen) < 0.25
-    t_token = torch.where(mask, s[:, None], t[:, None])  # two distinct values per sample
-    return x.to(device, dtype), t.to(device), t_token.to(device), extra
+    two = TwoTimesteps(t.to(device), s.to(device), mask.to(device))  # two distinct values per sample
+    return x.to(device, dtype), t.to(device), two, extra
 
 
 def call(model, kind, x, t, extra):
@@ -131,7 +134,8 @@ def main() -> None:
     args = parser.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     print(f"device {device} dtype {args.dtype} compile {args.compile} batch {args.batch}")
-    print("trunk  width  tokens  fwd tok/s  fwd(t per token) tok/s  ratio  fwd+bwd tok/s  saved MB  ckpt MB  peak MB")
+    header = "trunk  width  tokens  fwd tok/s  dense-t tok/s  two-t tok/s  dense/scalar  two/scalar"
+    print(header + "  fwd+bwd tok/s  saved MB  ckpt MB  peak MB")
     for kind in ("sit", "mmdit"):
         for width in args.widths:
             for length in args.lengths:
@@ -140,7 +144,8 @@ def main() -> None:
 
 def measure(kind: str, width: int, length: int, args, device, dtype) -> str:
     model, cfg = build(kind, width, length, False, device, dtype)
-    x, t, t_token, extra = inputs(kind, cfg, args.batch, length, device, dtype)
+    x, t, two, extra = inputs(kind, cfg, args.batch, length, device, dtype)
+    t_token = two.dense()
     if args.compile:
         for block in getattr(model, "blocks", None) or [*model.double_blocks, *model.single_blocks]:
             block.compile()
@@ -148,19 +153,23 @@ def measure(kind: str, width: int, length: int, args, device, dtype) -> str:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
-        scalar, token = paired(
-            [lambda: call(model, kind, x, t, extra), lambda: call(model, kind, x, t_token, extra)],
+        scalar, token, rows = paired(
+            [
+                lambda: call(model, kind, x, t, extra),
+                lambda: call(model, kind, x, t_token, extra),
+                lambda: call(model, kind, x, two, extra),
+            ],
             device,
             args.repeats,
         )
-    train = timed(lambda: call(model, kind, x, t_token, extra).float().square().mean().backward(), device, args.repeats)
+    train = timed(lambda: call(model, kind, x, two, extra).float().square().mean().backward(), device, args.repeats)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
     saved = saved_bytes(model, kind, x, t_token, extra) / 2**20
     ckpt_model, _ = build(kind, width, length, True, device, dtype)
     ckpt = saved_bytes(ckpt_model, kind, x, t_token, extra) / 2**20
     return (
-        f"{kind:6s} {width:5d} {x.shape[1]:7d} {n / scalar:10.0f} {n / token:23.0f} "
-        f"{token / scalar:6.3f} {n / train:14.0f} {saved:9.1f} {ckpt:8.1f} {peak:8.1f}"
+        f"{kind:6s} {width:5d} {x.shape[1]:7d} {n / scalar:10.0f} {n / token:12.0f} {n / rows:10.0f} "
+        f"{token / scalar:11.3f} {rows / scalar:9.3f} {n / train:14.0f} {saved:9.1f} {ckpt:8.1f} {peak:8.1f}"
     )
 
 

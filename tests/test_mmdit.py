@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selfflow.backbone.layers import modulate, rope_nd
+from selfflow.backbone.layers import TokenRows, TwoTimesteps, modulate, rope_nd
 from selfflow.backbone.mmdit import (
     MMDiT,
     MMDiTConfig,
@@ -81,6 +81,45 @@ def test_homogeneous_token_t_equals_scalar_t_bitwise(batch, with_text, num_class
         v_mixed = model(x, torch.where(torch.arange(x.shape[1]) % 2 == 0, t_tok, 0.5 * t_tok), ids, inp["txt"], y=y)
     assert torch.equal(v_scalar, v_token)
     assert not torch.allclose(v_scalar, v_mixed)  # per-token t does reach the output
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+@pytest.mark.parametrize("with_text", [True, False])
+@pytest.mark.parametrize("num_classes", [0, 7])
+def test_two_timesteps_give_the_per_token_output_without_unique(batch, with_text, num_classes, monkeypatch):
+    """Self-Flow's student input as each sample's (t, s) and the token mask: the conditioning rows are
+    built without `torch.unique` (a host sync on a GPU); the output is the per-token tensor's up to
+    float round-off (the row matrices have other sizes), and t = s gives the scalar-t output bit for bit."""
+    cfg = tiny(num_classes=num_classes, context_dim=32 if with_text else 0, projector_dim=32)
+    model = randomised(cfg)
+    inp = inputs(cfg, batch=batch)
+    x, t, ids = inp["x"], inp["t"], inp["ids"]
+    s = torch.rand(batch, generator=torch.Generator().manual_seed(5))
+    mask = torch.rand(batch, x.shape[1], generator=torch.Generator().manual_seed(6)) < 0.3
+    y = torch.arange(batch) % num_classes if num_classes else None
+    two = TwoTimesteps(t, s, mask)
+    with torch.no_grad():
+        dense = model.forward_with_features(x, two.dense(), ids, inp["txt"], y=y, layer=2)
+        hidden = model.hidden_states(x, two.dense(), ids, inp["txt"], y=y, layer=3)
+        scalar = model(x, t, ids, inp["txt"], y=y)
+        monkeypatch.setattr(torch, "unique", None)  # any call would raise
+        rows = model.forward_with_features(x, two, ids, inp["txt"], y=y, layer=2)
+        rows_hidden = model.hidden_states(x, two, ids, inp["txt"], y=y, layer=3)
+        equal = model(x, TwoTimesteps(t, t, mask), ids, inp["txt"], y=y)
+    torch.testing.assert_close(rows.velocity, dense.velocity, rtol=0, atol=2e-6)
+    torch.testing.assert_close(rows.features, dense.features, rtol=0, atol=2e-6)
+    torch.testing.assert_close(rows_hidden, hidden, rtol=0, atol=2e-6)
+    assert torch.equal(equal, scalar)
+    assert (rows.velocity - scalar).abs().max() > 1e-3  # s and the mask do reach the output
+
+
+def test_token_rows_from_two():
+    t, s = torch.tensor([0.1, 0.7]), torch.tensor([0.3, 0.2])
+    mask = torch.tensor([[False, True, True], [True, False, False]])
+    rows = TokenRows.from_two(TwoTimesteps(t, s, mask), extra=torch.tensor([0.5, 0.9]))
+    assert rows.groups == 3 and rows.sample.tolist() == [0, 0, 0, 1, 1, 1]
+    assert torch.equal(rows.t, torch.tensor([0.1, 0.3, 0.5, 0.7, 0.2, 0.9]))
+    assert torch.equal(rows.t[rows.inverse], torch.where(mask, s[:, None], t[:, None]))  # each token's own t
 
 
 def test_text_timestep_policies():

@@ -124,3 +124,20 @@ def test_activation_checkpointing_matches(reference):
     for a, b in zip(plain.parameters(), ckpt.parameters(), strict=True):
         assert (a.grad is None and b.grad is None) or torch.equal(a.grad, b.grad)
     assert plain.blocks[0].attn.qkv.weight.grad is not None
+
+
+@torch.no_grad()
+def test_two_timesteps_give_the_per_token_output(public_model, reference, monkeypatch):
+    """The student's (t, s, mask) input builds its rows without `torch.unique`: the per-token tensor's
+    output up to float round-off at the values' scale, and t = s gives the scalar output bit for bit."""
+    from selfflow.backbone.layers import TwoTimesteps
+
+    r = reference
+    t = r["t_scalar"]
+    s = torch.rand(t.shape, generator=torch.Generator().manual_seed(0))
+    mask = torch.rand(r["t_token"].shape, generator=torch.Generator().manual_seed(1)) < 0.25
+    two = TwoTimesteps(t, s, mask)
+    dense, scalar = public_model(r["x"], two.dense(), r["y"], r["x_ids"]), public_model(r["x"], t, r["y"], r["x_ids"])
+    monkeypatch.setattr(torch, "unique", None)
+    assert_release(public_model(r["x"], two, r["y"], r["x_ids"]), dense)
+    assert torch.equal(public_model(r["x"], TwoTimesteps(t, t, mask), r["y"], r["x_ids"]), scalar)

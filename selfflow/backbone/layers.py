@@ -83,6 +83,28 @@ def rms_norm(x: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * scale
 
 
+class TwoTimesteps(NamedTuple):
+    """Per-token timesteps given as each sample's two values: token (b, l) is at `s[b]` where
+    `mask[b, l]`, else at `t[b]` (dual-timestep scheduling). The trunks build their conditioning rows
+    from it directly (`TokenRows.from_two`): no `torch.unique`, so no host synchronisation on a GPU."""
+
+    t: Tensor  # (B,)
+    s: Tensor  # (B,)
+    mask: Tensor  # (B, L) bool, True = token at s
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.mask.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.t.device
+
+    def dense(self) -> Tensor:
+        """The `(B, L)` per-token timesteps."""
+        return torch.where(self.mask, self.s[:, None], self.t[:, None])
+
+
 class TokenRows(NamedTuple):
     """Distinct (sample, timestep) pairs of a batch, so conditioning MLPs run once per pair.
 
@@ -94,6 +116,7 @@ class TokenRows(NamedTuple):
     t: Tensor  # (R,) timestep of each row
     sample: Tensor  # (R,) batch index of each row
     inverse: Tensor | None  # (B, L) row of each token; None when t was (B,): row b is sample b
+    groups: int = 1  # rows k b + g (g < groups) of `from_two`: row-wise layers run once per g on B rows
 
     @classmethod
     def from_timesteps(cls, t: Tensor) -> "TokenRows":
@@ -103,6 +126,26 @@ class TokenRows(NamedTuple):
         batch = torch.arange(t.shape[0], device=t.device)[:, None]
         rows, inverse = torch.unique(batch * values.numel() + inv, return_inverse=True)
         return cls(values[rows % values.numel()], rows // values.numel(), inverse)
+
+    @classmethod
+    def from_two(cls, two: TwoTimesteps, extra: Tensor | None = None) -> "TokenRows":
+        """Rows `(t_b, s_b[, extra_b])` of every sample, in that order, and each token's row `k b + mask`:
+        a fixed number of rows, built without looking at the values (rows may repeat a value: exact,
+        as every row is computed independently). `extra` (B,): one more row per sample (MMDiT's text)."""
+        cols = [two.t, two.s] if extra is None else [two.t, two.s, extra]
+        batch = torch.arange(two.t.shape[0], device=two.t.device)
+        inverse = batch[:, None] * len(cols) + two.mask.long()
+        return cls(torch.stack(cols, dim=1).flatten(), batch.repeat_interleave(len(cols)), inverse, len(cols))
+
+    def apply(self, fn, rows: Tensor, pad: bool = False) -> Tensor:
+        """Row-wise `fn` (linear layers, MLPs) on `rows` `(R, X)`. With `groups`, one call per group of B
+        rows: CPU BLAS rounds a row differently depending on how many rows a matrix has, and B rows is
+        what the scalar-t path computes, so equal timesteps give the scalar output bit for bit. `pad`:
+        matrices of fewer than 4 rows are padded (see `modulation`)."""
+        if self.groups == 1:
+            return _rows(fn, rows, pad)
+        parts = [_rows(fn, rows[g :: self.groups], pad) for g in range(self.groups)]
+        return torch.stack(parts, dim=1).flatten(0, 1)
 
     def modulation(self, layer: nn.Module, c_rows: Tensor, chunks: int, group: int = 3) -> tuple[Tensor, ...]:
         """`layer(c_rows)` split into `chunks` equal parts and gathered to tokens: `(B, 1 or L, D)` each.
@@ -115,10 +158,7 @@ class TokenRows(NamedTuple):
         tiny batches are padded to 4 rows: the result then matches computing the modulation
         for every token, as the public release does, bit for bit.
         """
-        n = c_rows.shape[0]
-        if n < 4:
-            c_rows = torch.cat([c_rows, c_rows[:1].expand(4 - n, -1)])
-        out = layer(c_rows)[:n].unflatten(-1, (chunks // group, group, -1))  # (R, groups, group, D)
+        out = self.apply(layer, c_rows, pad=True).unflatten(-1, (chunks // group, group, -1))  # (R, groups, group, D)
         out = torch.cat((out[:, :, :1], 1 + out[:, :, 1:2], out[:, :, 2:]), dim=2).flatten(1)
         return self.to_tokens(out).chunk(chunks, dim=-1)
 
@@ -131,6 +171,13 @@ class TokenRows(NamedTuple):
         if self.inverse is None:
             return rows[:, None]
         return rows.index_select(0, self.inverse.flatten()).unflatten(0, self.inverse.shape)
+
+
+def _rows(fn, rows: Tensor, pad: bool) -> Tensor:
+    n = rows.shape[0]
+    if pad and n < 4:
+        return fn(torch.cat([rows, rows[:1].expand(4 - n, -1)]))[:n]
+    return fn(rows)
 
 
 def run_block(block: nn.Module, *args, checkpoint: bool = False):

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from selfflow.backbone.layers import TokenRows, rope_nd, run_block, timestep_embedding
+from selfflow.backbone.layers import TokenRows, TwoTimesteps, rope_nd, run_block, timestep_embedding
 from selfflow.backbone.mmdit_blocks import (
     PREFIX,
     DoubleStreamBlock,
@@ -265,7 +265,13 @@ class MMDiT(nn.Module):
 
     def _conditioning(self, t: Tensor, n_txt: int, y: Tensor | None, guidance: Tensor | None) -> Conditioning:
         """Embed each distinct (sample, t) row of the joint `[txt, data]` sequence once."""
-        if t.ndim == 1:  # one timestep per sample: text uses it too, rows broadcast over tokens
+        if isinstance(t, TwoTimesteps):  # each sample's two timesteps and the text's: 3 rows a sample
+            rows = TokenRows.from_two(t, extra=text_timesteps(t.dense(), self.cfg.text_timestep))
+            text_row = (3 * torch.arange(t.t.shape[0], device=t.device) + 2)[:, None].expand(-1, n_txt)
+            txt_rows = rows._replace(inverse=text_row)
+            img_rows = rows
+            rows = rows._replace(inverse=torch.cat((text_row, rows.inverse), dim=1))
+        elif t.ndim == 1:  # one timestep per sample: text uses it too, rows broadcast over tokens
             rows = TokenRows.from_timesteps(t)
             txt_rows = img_rows = rows
         else:
@@ -274,7 +280,9 @@ class MMDiT(nn.Module):
             txt_rows = rows._replace(inverse=rows.inverse[:, :n_txt])
             img_rows = rows._replace(inverse=rows.inverse[:, n_txt:])
         dtype = self.time_in.in_layer.weight.dtype
-        vec = self.time_in(timestep_embedding(rows.t, TIME_FREQ_DIM, scale=1000.0).to(dtype))  # FLUX: t * 1000
+        vec = rows.apply(
+            self.time_in, timestep_embedding(rows.t, TIME_FREQ_DIM, scale=1000.0).to(dtype)
+        )  # FLUX: t*1000
         if self.guidance_in is not None:
             g = timestep_embedding(guidance, TIME_FREQ_DIM, scale=1000.0).to(dtype)
             vec = vec + self.guidance_in(g)[rows.sample]

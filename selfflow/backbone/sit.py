@@ -20,7 +20,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from selfflow.backbone.layers import TokenRows, attention, modulate, run_block, timestep_embedding
+from selfflow.backbone.layers import TokenRows, TwoTimesteps, attention, modulate, run_block, timestep_embedding
 from selfflow.backbone.projector import REPA_HIDDEN, build_projector, check_projector
 
 
@@ -257,9 +257,9 @@ class SiT(nn.Module):
         else:
             pos = self.pos_embed[0][ids[..., 1] * self.cfg.grid + ids[..., 2]]
         h = self.x_embedder(x) + pos
-        rows = TokenRows.from_timesteps(t)
+        rows = TokenRows.from_two(t) if isinstance(t, TwoTimesteps) else TokenRows.from_timesteps(t)
         t_model = 1 - rows.t if self.cfg.compatibility_mode else rows.t
-        c_rows = self.t_embedder(t_model) + self.y_embedder(y)[rows.sample]
+        c_rows = rows.apply(self.t_embedder, t_model) + self.y_embedder(y)[rows.sample]
         return h, c_rows, rows
 
     def _head(self, h: Tensor, c_rows: Tensor, rows: TokenRows) -> Tensor:

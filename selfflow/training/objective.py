@@ -28,7 +28,7 @@ from `selfflow.eval.encoders.RepaEncoder` (`RepaEncoder(folder)(images, grid_hw)
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -230,12 +230,18 @@ def training_loss(
     student: Student,
     teacher: Teacher | None = None,
     target_features: Tensor | None = None,
+    student_t: Any = None,
 ) -> LossTerms:
-    """`fm + gamma * rep` for one batch; the student runs once, the teacher (if any) once without grad."""
+    """`fm + gamma * rep` for one batch; the student runs once, the teacher (if any) once without grad.
+
+    `student_t`: what the student is given as its timesteps, by default `noised.tau` `(B, L)`; the trunks
+    also take `TwoTimesteps(noised.t, noised.s, noised.mask)`, the same values as two per sample, from
+    which they build their conditioning rows without a host sync (`backbone.layers.TokenRows.from_two`)."""
+    tau = noised.tau if student_t is None else student_t
     if cfg.student_layer is None or (cfg.method == "selfflow" and cfg.teacher_layer is None):
         raise ValueError("objective layers are null: resolve them from the model's depth first")
     if cfg.rep_weight == 0:
-        v = student(noised.x_student, noised.tau, None)
+        v = student(noised.x_student, tau, None)
         fm = flow_matching_loss(v, x0, noised.noise)
         return LossTerms(fm, fm, fm.new_zeros(()))
 
@@ -249,7 +255,7 @@ def training_loss(
             raise ValueError("method 'repa' needs target_features from the external encoder")
         target = target_features
 
-    v, features = student(noised.x_student, noised.tau, cfg.student_layer)
+    v, features = student(noised.x_student, tau, cfg.student_layer)
     fm = flow_matching_loss(v, x0, noised.noise)
     rep = representation_loss(features, target.detach(), cfg.rep_loss)
     return LossTerms(fm + cfg.rep_weight * rep, fm, rep)
