@@ -124,3 +124,53 @@ def test_strict_split_gives_each_rank_its_own_shards_and_resumes_exactly(tmp_pat
     assert LatentStream(cfg, batch_size=4, seed=0, rank=0, world=8).split == "resample"  # auto: 6 shards, 8 ranks
     with pytest.raises(ValueError, match="6 shards cannot be split strictly between 8 ranks"):
         LatentStream(LoaderConfig(folder, split="strict"), batch_size=4, seed=0, world=8)
+
+
+def test_read_ahead_hands_out_the_same_batches_and_counts_only_those_handed_out(tmp_path):
+    from selfflow.data.prefetch import ReadAhead
+
+    write_shards(tmp_path, shards=4, per_shard=4)
+    folder = str(tmp_path / "latents" / "image")
+
+    def streams(positions=None):
+        positions = positions or {}
+        cfg = LoaderConfig(folder, shuffle_buffer=4)
+        return {
+            name: LatentStream(cfg, batch_size=2, seed=i, position=positions.get(name, 0))
+            for i, name in enumerate("ab")
+        }
+
+    order = lambda i: "ab"[i % 3 == 2]  # noqa: E731  (a, a, b, a, a, b, ...)
+    plain = streams()
+    expected = [next(plain[order(i)]).keys for i in range(7)]
+    ahead = ReadAhead(streams(), order)
+    got = [ahead.take(i).keys for i in range(4)]
+    assert got == expected[:4]
+    saved = ahead.positions()  # batch 4 is read ahead already, and not counted
+    assert saved == {"a": 3, "b": 1} and ahead.streams["a"].position == 4
+    resumed = ReadAhead(streams(saved), order)
+    assert [resumed.take(i).keys for i in range(4, 7)] == expected[4:]  # what an uninterrupted run takes next
+    with pytest.raises(RuntimeError, match="micro-batch 9 asked for, but 7 was read ahead"):
+        resumed.take(9)
+    for reader in (ahead, resumed):
+        reader.close()
+
+
+def test_read_ahead_raises_a_failed_read_at_its_micro_batch_and_does_not_count_it():
+    from selfflow.data.prefetch import ReadAhead
+
+    class Breaks:
+        position = 0
+
+        def __next__(self):
+            if self.position == 2:
+                raise ValueError("shard latent-000002.tar is damaged")
+            self.position += 1
+            return self.position
+
+    ahead = ReadAhead({"a": Breaks()}, lambda i: "a")
+    assert [ahead.take(0), ahead.take(1)] == [1, 2]
+    assert ahead.positions() == {"a": 2}  # the failed read ahead moved nothing
+    with pytest.raises(ValueError, match="latent-000002.tar is damaged"):
+        ahead.take(2)
+    ahead.close()

@@ -19,6 +19,7 @@ by the weights-only unpickler before anything starts.
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ from selfflow.backbone.sit import SiTConfig
 from selfflow.backbone.trunk import build_trunk
 from selfflow.data.batch import mix_seed
 from selfflow.data.loader import SPLITS, LatentStream, LoaderConfig, prepared_modality, read_manifest, shard_list
+from selfflow.data.prefetch import ReadAhead
 from selfflow.data.synthetic import SyntheticConfig, SyntheticLatents, SyntheticStream
 from selfflow.flow.paths import AUTO, TimestepConfig
 from selfflow.modalities.builder import build_modality, timestep_distribution
@@ -110,6 +112,10 @@ class TrainConfig(RunConfig):
     # ema.safetensors, or the public selfflow_imagenet256.pt (with model.kind=sit). The trunk must match
     # exactly; only the projector may be missing or different (it then starts fresh). null: random init.
     init: str | None = None
+    # read each micro-batch one early in a background thread (pinned on a GPU): data off the step's
+    # critical path; the same batches in the same order, so resume stays exact (unknown in any
+    # reference; on because it moves work off the critical path and changes no number)
+    read_ahead: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -258,6 +264,11 @@ def draw_modality(cfg: TrainConfig, step: int) -> str:
     return name
 
 
+def micro_batch_modality(cfg: TrainConfig, accum: int, index: int) -> str:
+    """The modality of the `index`-th micro-batch of a run (0-based): its optimizer step's."""
+    return draw_modality(cfg, index // accum)
+
+
 class PretrainTask:
     """Model, one batch stream per modality, and the Self-Flow / FM / REPA loss of a micro-batch.
 
@@ -289,6 +300,7 @@ class PretrainTask:
             self.init_state, _ = extract_state_dict(read_checkpoint(cfg.init))
         self.micro_batch = max(m.batch_size for m in cfg.modalities.values())
         self.streams: dict = {}
+        self.ahead: ReadAhead | None = None
 
     def build_model(self) -> nn.Module:
         model = build_trunk(self.cfg.model)
@@ -308,22 +320,34 @@ class PretrainTask:
             else:
                 data = SyntheticLatents(name, mix.data, cfg.seed)
                 self.streams[name] = SyntheticStream(data, mix.batch_size, rank, position)
+        if cfg.read_ahead:
+            accum = cfg.deepspeed.grad_accum
+            order = partial(micro_batch_modality, cfg, accum)
+            self.ahead = ReadAhead(self.streams, order, pin=torch.cuda.is_available())
 
     def positions(self) -> dict[str, int]:
+        if self.ahead is not None:
+            return self.ahead.positions()
         return {name: stream.position for name, stream in self.streams.items()}
+
+    def next_batch(self, step: int, micro: int):
+        """Micro-batch `micro` of optimizer step `step` (0-based), read ahead when `read_ahead`."""
+        if self.ahead is None:
+            return next(self.streams[draw_modality(self.cfg, step)])
+        return self.ahead.take(step * self.cfg.deepspeed.grad_accum + micro)
 
     def loss(self, models: Models, step: int, micro: int, generator: torch.Generator) -> StepOutput:
         """Condition dropout, dual-timestep noising, student and teacher passes for one micro-batch."""
         cfg, device = self.cfg, models.device
         modality = draw_modality(cfg, step)
-        batch = next(self.streams[modality])
+        batch = self.next_batch(step, micro)
         objective, target = cfg.objective, None
         if objective.method == "repa" and modality in objective.repa_skip:
             objective = replace(objective, method="fm")  # listed in repa_skip: plain flow matching
         elif objective.method == "repa" and objective.rep_weight > 0:
             adapter = self.adapters[modality].to(device)
             target = repa_targets(adapter, batch.x0, batch.ids, self.repa, device)
-        x0, ids = batch.x0.to(device), batch.ids.to(device)
+        x0, ids = batch.x0.to(device, non_blocking=True), batch.ids.to(device, non_blocking=True)
         # Condition dropout for CFG: null class and no text; the teacher gets the same condition.
         keep = drop_condition(len(x0), cfg.objective.cond_dropout, generator)
         y = txt = txt_mask = None
