@@ -141,6 +141,7 @@ def prepare_share(cfg: PrepareConfig, rank: int, world: int) -> dict:
     out = Path(cfg.out_dir)
     sources = {key: raw_shards(cfg, key) for key in cfg.modalities}
     order = [(key, i) for key in sources for i in range(len(sources[key]))]  # every output shard, in order
+    place = {shard: n for n, shard in enumerate(order)}
     mine = order[rank::world]
     want = cfg.text.kind == "sentencepiece"
     scans = together(lambda: scan_shards({(k, i): sources[k][i] for k, i in mine}, want_captions=want))
@@ -166,7 +167,7 @@ def prepare_share(cfg: PrepareConfig, rank: int, world: int) -> dict:
                 modalities[key],
                 str(sources[key][i]),
                 str(out / key / f"latent-{i:06d}.tar"),
-                order.index((key, i)),
+                place[key, i],
                 shard_fingerprint(sources[key][i], modalities[key], cfg, text_sha),
             )
             for key, i in mine
