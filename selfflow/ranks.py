@@ -21,6 +21,18 @@ import torch
 import torch.distributed as dist
 
 
+def launcher_env() -> dict[str, str]:
+    """`RANK`, `WORLD_SIZE`, `LOCAL_RANK` where the environment lacks them: srun's `SLURM_PROCID`,
+    `SLURM_NTASKS`, `SLURM_LOCALID` stand in for what torchrun / the deepspeed launcher set, and a
+    plain process is rank 0 of 1 (nothing when `RANK` is set)."""
+    env = os.environ
+    if "RANK" in env:
+        return {}
+    if "SLURM_PROCID" in env:
+        return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"], "LOCAL_RANK": env["SLURM_LOCALID"]}
+    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+
+
 def rank_world() -> tuple[int, int]:
     """This process's rank and the group's size (0, 1 outside a process group)."""
     if dist.is_available() and dist.is_initialized():
@@ -32,17 +44,17 @@ def rank_world() -> tuple[int, int]:
 def joined(device: str = "auto") -> Iterator[tuple[int, int, torch.device]]:
     """Join the launcher's process group for the duration (NCCL on GPUs, gloo otherwise); alone, or
     already inside a group, nothing is joined. Yields (rank, world, this process's device)."""
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
-    local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    missing = launcher_env()
+    given = {**os.environ, **missing}
+    world, local = int(given.get("WORLD_SIZE", 1)), int(given.get("LOCAL_RANK", 0))
     name = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' asked for, but no GPU is visible")
     here = torch.device("cuda", local % torch.cuda.device_count()) if name == "cuda" else torch.device(name)
     start = world > 1 and not dist.is_initialized()
+    before = set(os.environ)
     if start:
-        os.environ.setdefault("RANK", str(rank))  # srun: what torchrun would have set
-        os.environ.setdefault("WORLD_SIZE", str(world))
+        os.environ.update(missing)  # srun: what torchrun would have set
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         if here.type == "cuda":
@@ -53,6 +65,8 @@ def joined(device: str = "auto") -> Iterator[tuple[int, int, torch.device]]:
     finally:
         if start:
             dist.destroy_process_group()
+            for name in set(os.environ) - before:  # a later job of this process starts clean
+                os.environ.pop(name)
 
 
 def share(count: int, rank: int, world: int) -> range:

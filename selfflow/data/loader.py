@@ -160,11 +160,9 @@ def read_manifest(shards: str) -> tuple[str, dict] | None:
     brace pattern or URL pattern `shards` (it sits beside the modality folders); None if there is none."""
     if shards.startswith(REMOTE):
         base = shards.split("{")[0].rsplit("/", 2)[0]  # .../latents/image/latent-{...}.tar -> .../latents
-        url = f"{base}/manifest.json"
         try:
-            with urllib.request.urlopen(url, timeout=10) as response:
-                return url, json.loads(response.read())
-        except (OSError, ValueError):
+            return f"{base}/manifest.json", data_manifest(base)
+        except FileNotFoundError:
             return None
     path = Path(shards)
     folder = path if path.is_dir() else path.parent

@@ -54,7 +54,7 @@ from selfflow.data.loader import data_manifest, has_modality
 from selfflow.eval import captions, media
 from selfflow.eval.builtin_features import load_feature_net, train_feature_net
 from selfflow.eval.generate import EvalSet, data_modality, decode, generate, read_eval_set
-from selfflow.eval.metrics import FeatureStats
+from selfflow.eval.metrics import features_frechet_distance
 from selfflow.eval.probe import linear_probes
 from selfflow.eval.standard import StandardNets
 from selfflow.files import file_sha256
@@ -303,22 +303,16 @@ class Scorer:
         """One set's metrics from all items' features of the real items and of the samples."""
         out = {}
         if self.builtin is not None:
-            out["fd_builtin"] = frechet(real["builtin"], fake["builtin"])
+            out["fd_builtin"] = features_frechet_distance(real["builtin"], fake["builtin"])
             out["caption_accuracy"] = captions.summarise(self.name, fake["captions"])
         if self.i3d is not None:
-            out["fvd"] = frechet(real["i3d"], fake["i3d"])
+            out["fvd"] = features_frechet_distance(real["i3d"], fake["i3d"])
         out.update(self.standard.scores(real, fake))
         return out
 
     def real_scores(self, real: dict) -> dict:
         """What depends on the real items alone: the caption check of the real items themselves."""
         return {"caption_accuracy_real": captions.summarise(self.name, real["captions"])} if "captions" in real else {}
-
-
-def frechet(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """Frechet distance of two sets of features (float64 streaming statistics)."""
-    stats = [FeatureStats(x.shape[1]).update(x) for x in (real, fake)]
-    return stats[0].frechet_distance(stats[1])
 
 
 def builtin_net(name: str, cfg: EvalConfig):

@@ -142,6 +142,12 @@ class FeatureStats:
         return frechet_distance(self.mean, self.covariance, other.mean, other.covariance)
 
 
+def features_frechet_distance(a: Tensor, b: Tensor) -> float:
+    """Frechet distance between two sets of features `(N, D)` (streaming float64 statistics)."""
+    stats = [FeatureStats(x.shape[1]).update(x) for x in (a, b)]
+    return stats[0].frechet_distance(stats[1])
+
+
 # ---------------------------------------------------------------------------------------------
 # Inception Score
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +286,7 @@ def clip_score(image_emb: Tensor, text_emb: Tensor) -> float:
 
 __all__ = [
     "FeatureStats",
+    "features_frechet_distance",
     "clip_score",
     "frechet_distance",
     "inception_score",

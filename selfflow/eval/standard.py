@@ -27,11 +27,6 @@ def _frames(x: Tensor):
     return pictures.reshape(-1, *pictures.shape[-3:])
 
 
-def _fd(real: Tensor, fake: Tensor) -> float:
-    stats = [metrics.FeatureStats(x.shape[1]).update(x) for x in (real, fake)]
-    return stats[0].frechet_distance(stats[1])
-
-
 class StandardNets:
     """The standard networks configured for one modality (`paths`: inception, dinov2, clip, clap ->
     local path or None), loaded on construction; `weights` maps each to its sha256."""
@@ -65,7 +60,7 @@ class StandardNets:
         """The metrics from all items' features of the real items and of the samples."""
         out = {}
         if "inception" in self.nets and self.name == "video":
-            out["fid_frames"] = _fd(real["inception_pool"], fake["inception_pool"])
+            out["fid_frames"] = metrics.features_frechet_distance(real["inception_pool"], fake["inception_pool"])
         elif "inception" in self.nets:
             pool_r, pool_f = real["inception_pool"], fake["inception_pool"]
             precision, recall = metrics.precision_recall(pool_r, pool_f, k=3)
@@ -74,19 +69,19 @@ class StandardNets:
             logits = fake["inception_logits"]
             inception_score, _ = metrics.inception_score(logits, splits=min(10, len(logits)))
             out.update(
-                fid=_fd(pool_r, pool_f),
-                sfid=_fd(real["inception_spatial"], fake["inception_spatial"]),
+                fid=metrics.features_frechet_distance(pool_r, pool_f),
+                sfid=metrics.features_frechet_distance(real["inception_spatial"], fake["inception_spatial"]),
                 inception_score=inception_score,
                 precision=precision,
                 recall=recall,
                 kid=kid,
             )
         if "dinov2" in self.nets:
-            out["fd_dinov2"] = _fd(real["dinov2"], fake["dinov2"])
+            out["fd_dinov2"] = metrics.features_frechet_distance(real["dinov2"], fake["dinov2"])
         if "clip" in self.nets:
             out["clip_score"] = metrics.clip_score(fake["clip_image"], fake["clip_text"])
         if "clap" in self.nets:
-            out["fad"] = _fd(real["clap"], fake["clap"])
+            out["fad"] = metrics.features_frechet_distance(real["clap"], fake["clap"])
         return out
 
 

@@ -48,6 +48,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from selfflow.backbone.checkpoint import unpickling_reason
+from selfflow.ranks import launcher_env
 
 
 @dataclass
@@ -131,10 +132,7 @@ def init_distributed() -> DistInfo:
     """
     env = os.environ
     before = set(env)
-    if "RANK" not in env and "SLURM_PROCID" in env:
-        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env["SLURM_LOCALID"])
-    if "RANK" not in env:
-        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    env.update(launcher_env())
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", str(_free_port()))
     if not dist.is_initialized():
