@@ -151,6 +151,7 @@ class ToyNets:
         self.student_calls, self.teacher_calls = [], []
 
     def student(self, x, t, layer):
+        t = t.dense()  # the student is given TwoTimesteps(t, s, mask)
         self.student_calls.append((t.clone(), layer))
         h = self.embed(x) + t.reshape(t.shape[0], -1, 1) * self.a
         v = self.head(h)

@@ -3,8 +3,10 @@
 Pure functions of tensors and two closures, so the same code drives the SiT and the MMDiT trunk:
 the caller binds the conditioning (labels, text, ids) into `student(x, t, layer)` and
 `teacher(x, t, layer)`. Self-Flow draws two timesteps `t, s` per sample and a token mask
-`M ~ Bernoulli(R_M)`; the student sees token-wise `tau = where(M, s, t)`, the EMA teacher sees every
-token at `min(t, s)`, and `loss = mse(v, noise - x0) + gamma * (-cosine(proj(h_l), teacher_k))`.
+`M ~ Bernoulli(R_M)`; the student sees token-wise `tau = where(M, s, t)`, given to it as
+`TwoTimesteps(t, s, M)` (the trunks take it directly and build their conditioning rows from the two
+values without a host sync; `.dense()` is the `(B, L)` tensor), the EMA teacher sees every token at
+`min(t, s)`, and `loss = mse(v, noise - x0) + gamma * (-cosine(proj(h_l), teacher_k))`.
 
     cfg = ObjectiveConfig(method="selfflow", gamma=0.8, student_layer=8, teacher_layer=20)
     gen = torch.Generator().manual_seed(seed)                     # CPU generator, e.g. from (seed, step, rank)
@@ -28,12 +30,13 @@ from `selfflow.eval.encoders.RepaEncoder` (`RepaEncoder(folder)(images, grid_hw)
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from selfflow.backbone.layers import TwoTimesteps
 from selfflow.flow.paths import TimestepConfig, interpolate, sample_timesteps, velocity_target
 
 METHODS = ("selfflow", "fm", "repa")
@@ -41,8 +44,8 @@ REP_LOSSES = ("cosine", "l2")
 SECOND_TIMESTEPS = ("independent", "slightly_cleaner", "none")
 CLEANER_GAPS = ("fixed", "uniform")
 
-# student(x, t, None) -> velocity; student(x, t, l) -> (velocity, projector(hidden after block l))
-Student = Callable[[Tensor, Tensor, int | None], Tensor | tuple[Tensor, Tensor]]
+# student(x, TwoTimesteps, None) -> velocity; student(x, TwoTimesteps, l) -> (velocity, projector(hidden after l))
+Student = Callable[[Tensor, TwoTimesteps, int | None], Tensor | tuple[Tensor, Tensor]]
 # teacher(x, t, k) -> raw hidden state after block k
 Teacher = Callable[[Tensor, Tensor, int], Tensor]
 
@@ -141,6 +144,11 @@ class NoisedBatch(NamedTuple):
     x_student: Tensor  # (B, L, C) interpolate(x0, noise, tau)
     x_teacher: Tensor  # (B, L, C) interpolate(x0, noise, tau_teacher)
 
+    @property
+    def student_t(self) -> TwoTimesteps:
+        """`tau` as the student is given it: each sample's two timesteps and the mask."""
+        return TwoTimesteps(self.t, self.s, self.mask)
+
 
 class LossTerms(NamedTuple):
     total: Tensor
@@ -230,14 +238,9 @@ def training_loss(
     student: Student,
     teacher: Teacher | None = None,
     target_features: Tensor | None = None,
-    student_t: Any = None,
 ) -> LossTerms:
-    """`fm + gamma * rep` for one batch; the student runs once, the teacher (if any) once without grad.
-
-    `student_t`: what the student is given as its timesteps, by default `noised.tau` `(B, L)`; the trunks
-    also take `TwoTimesteps(noised.t, noised.s, noised.mask)`, the same values as two per sample, from
-    which they build their conditioning rows without a host sync (`backbone.layers.TokenRows.from_two`)."""
-    tau = noised.tau if student_t is None else student_t
+    """`fm + gamma * rep` for one batch; the student runs once, the teacher (if any) once without grad."""
+    tau = noised.student_t
     if cfg.student_layer is None or (cfg.method == "selfflow" and cfg.teacher_layer is None):
         raise ValueError("objective layers are null: resolve them from the model's depth first")
     if cfg.rep_weight == 0:

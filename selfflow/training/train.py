@@ -28,7 +28,6 @@ from torch import nn
 from tqdm import tqdm
 
 from selfflow.backbone.checkpoint import extract_state_dict, load_weights, read_checkpoint
-from selfflow.backbone.layers import TwoTimesteps
 from selfflow.backbone.mmdit import MMDiTConfig
 from selfflow.backbone.sit import SiTConfig
 from selfflow.backbone.trunk import build_trunk
@@ -374,8 +373,7 @@ class PretrainTask:
             with models.teacher() as model:
                 return model.hidden_states(x, t, *args, layer=layer, **kwargs).float()
 
-        two = TwoTimesteps(noised.t, noised.s, noised.mask)  # conditioning rows without a host sync
-        terms = training_loss(objective, x0, noised, student, teacher, target_features=target, student_t=two)
+        terms = training_loss(objective, x0, noised, student, teacher, target_features=target)
         return StepOutput(terms, modality, len(x0), x0.shape[0] * x0.shape[1])
 
 
