@@ -178,12 +178,14 @@ def prepare_share(cfg: PrepareConfig, rank: int, world: int) -> dict:
     reused = sum(1 for r in results if r.reused)
     summary = summarize(cfg, by_key, time.monotonic() - start) | {"processes": world, "reused_shards": reused}
     resolved = replace(cfg, modalities=modalities)
-    if rank == 0:
+
+    def write() -> None:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (out / "manifest.json").write_text(json.dumps(manifest(resolved, by_key, vocab), indent=2) + "\n")
         save_config(resolved, out / "config.yaml")
         print_summary(summary)
-    together(lambda: None)  # every process returns after the manifest exists
+
+    together(lambda: write() if rank == 0 else None)  # every process returns after the manifest exists
     return summary
 
 
@@ -231,11 +233,12 @@ def audio_stats(pool, messages, key, mcfg, sources, mine, counts, out) -> Modali
             results = run_tasks(pool, messages, tasks, sum(counts[key, s] for s in mine), f"{key} latent stats")
             return latent_moments(chunk[None] for r in results for chunk in r.latents)
 
-        parts = together(moments)
-        if rank_world()[0] == 0:
+        def write(parts: list) -> None:
             save_latent_stats(stats_from_moments(parts), path)
             atomic_write(done, fingerprint + "\n")
-        together(lambda: None)
+
+        parts = together(moments)
+        together(lambda: write(parts) if rank_world()[0] == 0 else None)
     return replace(mcfg, stats=str(path))
 
 

@@ -284,10 +284,12 @@ def convert_share(cfg: ConvertConfig, rank: int, world: int) -> dict:
         "processes": world,
         "config": asdict(cfg),
     }
-    if rank == 0:
+
+    def write() -> None:
         (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    together(lambda: None)  # every process returns after the summary exists
+
+    together(lambda: write() if rank == 0 else None)  # every process returns after the summary exists
     return summary
 
 
