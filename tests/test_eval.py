@@ -3,17 +3,14 @@ train -> periodic eval -> export -> eval -> report path, and what lands in MLflo
 
 import base64
 import json
-import subprocess
-import sys
 from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from mlflow_server import free_port
 from PIL import Image
-from train_runs import REPO, launch
+from train_runs import REPO, launch, torchrun
 
 from selfflow.backbone.mmdit import MMDiTConfig, build_mmdit
 from selfflow.cli import main
@@ -308,17 +305,7 @@ def test_two_processes_evaluate_their_shares_to_the_one_process_numbers(data, tm
     keys += ["eval.num_samples=4", "eval.batch_size=2", "eval.sampler.num_steps=2", "eval.save_media=3"]
     keys += [f"eval.inception={inception}"]
     assert main(["eval", *keys, f"out_dir={tmp_path / 'one'}"]) == 0
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(free_port()),
-    ]
-    cmd = [*launcher, "-m", "selfflow.cli", "eval", *keys, f"out_dir={tmp_path / 'two'}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    proc = torchrun(2, "-m", "selfflow.cli", "eval", *keys, f"out_dir={tmp_path / 'two'}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     one, two = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("one", "two"))
     assert one["protocol"]["processes"] == 1 and two["protocol"]["processes"] == 2

@@ -11,7 +11,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 import tarfile
 from dataclasses import replace
 from pathlib import Path
@@ -24,9 +23,9 @@ import soundfile as sf
 import torch
 import webdataset as wds
 from diffusers import AutoencoderOobleck
-from mlflow_server import free_port
 from PIL import Image
 from tiny_autoencoders import TINY_OOBLECK
+from train_runs import torchrun
 
 from selfflow.cli import main
 from selfflow.config import load_config
@@ -382,13 +381,10 @@ def test_two_processes_prepare_what_one_does_and_a_killed_run_finishes_on_restar
     assert main(["prepare", "--config", str(config), f"out_dir={tmp_path / 'one'}"]) == 0
 
     def two_processes(out: Path, fault: str | None = None) -> subprocess.CompletedProcess:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-        cmd = [*launcher, "--master-port", str(free_port()), "-m", "selfflow.cli", "prepare"]
         env = {k: v for k, v in os.environ.items() if k != "SELFFLOW_FAULT"} | (
             {"SELFFLOW_FAULT": fault} if fault else {}
         )
-        cmd += ["--config", str(config), f"out_dir={out}"]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+        return torchrun(2, "-m", "selfflow.cli", "prepare", "--config", str(config), f"out_dir={out}", env=env)
 
     proc = two_processes(tmp_path / "two")
     assert proc.returncode == 0, proc.stderr[-4000:]

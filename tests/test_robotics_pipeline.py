@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from train_runs import REPO, launch
+from train_runs import REPO, launch, torchrun
 
 from selfflow.backbone.checkpoint import load_export
 from selfflow.cli import main
@@ -159,10 +159,6 @@ def test_convert_on_two_processes_equals_one_and_clips_stream_with_exact_resume(
     """`robotics convert` under torchrun splits the TFRecord files between 2 processes: the same clips,
     byte for byte, and the same action statistics as one process. The clip stream then deals the
     shards out to 2 ranks (no clip on both), and a stream rebuilt at a position continues exactly."""
-    import subprocess
-    import sys
-
-    from mlflow_server import free_port
 
     for f in range(4):  # 4 files of 2 episodes (episode 2 fails and is filtered)
         records = [write_episode_record(episode(2 * f + e)) for e in range(2)]
@@ -176,22 +172,7 @@ def test_convert_on_two_processes_equals_one_and_clips_stream_with_exact_resume(
     ]
     args += ["future_frames=2", "action_horizon=2", "success_only=true", "samples_per_shard=4"]
     assert main([*args, f"out_dir={tmp_path / 'one'}"]) == 0
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(free_port()),
-    ]
-    proc = subprocess.run(
-        [*launcher, "-m", "selfflow.cli", *args, f"out_dir={tmp_path / 'two'}"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-    )
+    proc = torchrun(2, "-m", "selfflow.cli", *args, f"out_dir={tmp_path / 'two'}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     one, two = clip_contents(tmp_path / "one"), clip_contents(tmp_path / "two")
     assert len(one) == 7 * (STEPS - 2) and one == two  # 7 successful episodes

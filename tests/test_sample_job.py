@@ -1,7 +1,5 @@
 """`selfflow sample` end to end: tiny random SiT + a tiny random diffusers AutoencoderKL on disk."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +7,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 from PIL import Image
+from train_runs import torchrun
 
 from selfflow.backbone.sit import SiT, SiTConfig
 from selfflow.cli import main
@@ -74,24 +73,9 @@ def test_samples_do_not_depend_on_batch_size_or_processes(tmp_path, assets):
     one = run(tmp_path / "one", assets, "batch_size=5")
     small = run(tmp_path / "small", assets, "batch_size=2")
     assert_same_images(one, small)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        "29517",
-        "-m",
-        "selfflow.cli",
-        "sample",
-        *OVERRIDES,
-        f"vae={assets['vae']}",
-        f"checkpoint={assets['ckpt']}",
-        f"out_dir={tmp_path / 'two'}",
-        "batch_size=2",
-    ]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    args = [*OVERRIDES, f"vae={assets['vae']}", f"checkpoint={assets['ckpt']}", f"out_dir={tmp_path / 'two'}"]
+    proc = torchrun(2, "-m", "selfflow.cli", "sample", *args, "batch_size=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
     two = np.load(tmp_path / "two" / "samples_5.npz")["arr_0"]
     assert_same_images(one, two)
 

@@ -3,16 +3,14 @@ non-finite losses, a damaged checkpoint on one of two ranks, export, and MLflow 
 
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from hostile import flip_bit
-from mlflow_server import free_port, mlflow_server_fixture  # noqa: F401
+from mlflow_server import mlflow_server_fixture  # noqa: F401
 from safetensors.torch import load_file
-from train_runs import REPO, TINY, TRACE_KEYS, launch, launch_two_nodes, metrics, trace
+from train_runs import REPO, TINY, TRACE_KEYS, launch, launch_two_nodes, metrics, torchrun, trace
 
 from selfflow.config import load_config
 from selfflow.flow.samplers import SamplerConfig, sample
@@ -121,18 +119,14 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(stage, saved, resum
     saving job's next step within float round-off (so Adam's moments and step count came across)."""
     script = str(REPO / "tests" / "distributed" / "resize_check.py")
     for phase, nproc in (("save", saved), ("load", resumed)):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
-        cmd += ["--master-port", str(free_port()), script, phase, str(stage), str(tmp_path)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+        proc = torchrun(nproc, script, phase, str(stage), str(tmp_path))
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count(f"zero-{stage}: loaded weights exact True") == resumed, proc.stdout
 
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_ema_equals_independent_ema_on_two_processes(stage):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
-    cmd += [str(REPO / "tests" / "distributed" / "ema_check.py"), str(stage)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    proc = torchrun(2, str(REPO / "tests" / "distributed" / "ema_check.py"), str(stage))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count(f"zero-{stage}: max |ema - reference|") == 2
 

@@ -13,14 +13,33 @@ TINY = REPO / "configs" / "train" / "tiny.yaml"
 TRACE_KEYS = ("loss", "fm", "rep", "grad_norm", "lr")
 
 
+def torchrun_command(nproc: int) -> list[str]:
+    """`torchrun --nproc-per-node nproc` with this interpreter and a free port on loopback."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(free_port()),
+    ]
+
+
+def torchrun(nproc: int, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`torchrun_command(nproc) ARGS` run in the repository, output captured."""
+    return subprocess.run(
+        [*torchrun_command(nproc), *args], capture_output=True, text=True, timeout=600, cwd=REPO, env=env
+    )
+
+
 def launch(
     nproc: int, run_dir: Path, *overrides: str, check: bool = True, config: Path = TINY
 ) -> subprocess.CompletedProcess:
     """`selfflow train` on a preset (the tiny one by default), with torchrun for several processes."""
     cli = ["-m", "selfflow.cli", "train", "--config", str(config), f"run_dir={run_dir}", *overrides]
     if nproc > 1:
-        dist = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port())]
-        cmd = [sys.executable, *dist, *cli]
+        cmd = [*torchrun_command(nproc), *cli]
     else:
         cmd = [sys.executable, *cli]
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DS_ACCELERATOR": "cpu"}
