@@ -12,6 +12,7 @@ on one real step (matmuls `2mnk` forward and `4mnk` backward, SDPA `4 B H L^2 Dh
 the benchmark prints tokens/s and the model FLOPs utilisation of the student's forward + backward.
 
     python benchmarks/train_step.py                                     # tiny MMDiT on CPU
+    python benchmarks/train_step.py --preset demo --batch 32            # the demo's trunk and image batch
     python benchmarks/train_step.py --preset 625m --device cuda --dtype bf16 --batch 38 --compile --peak-tflops 989
 """
 
@@ -36,6 +37,10 @@ def preset(name: str) -> tuple[MMDiTConfig, ObjectiveConfig, int]:
     """Model, objective and token grid side of a preset."""
     if name == "625m":
         return MMDiTConfig(projector_dim=1152, context_dim=0), ObjectiveConfig(student_layer=6, teacher_layer=15), 16
+    if name == "demo":  # configs/train/demo.yaml's trunk on the demo's image tokens (8 x 8 patches of 48 values)
+        cfg = MMDiTConfig(hidden_size=128, num_heads=4, depth_double=2, depth_single=4, axes_dim=[8, 12, 12])
+        cfg.context_dim, cfg.projector_dim, cfg.modalities = 0, 128, {"image": [48, 48]}
+        return cfg, ObjectiveConfig(student_layer=2, teacher_layer=5), 8
     cfg = MMDiTConfig(hidden_size=256, num_heads=4, depth_double=2, depth_single=6, axes_dim=[20, 22, 22])
     cfg.context_dim, cfg.projector_dim, cfg.modalities = 0, 256, {"image": [64, 64]}
     return cfg, ObjectiveConfig(student_layer=2, teacher_layer=6), 16
@@ -124,7 +129,7 @@ def student_flops(student, objective: ObjectiveConfig, x0, ids, gen, dtype) -> i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=("small", "625m"), default="small")
+    parser.add_argument("--preset", choices=("small", "demo", "625m"), default="small")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")
     parser.add_argument("--batch", type=int, default=8)
@@ -143,6 +148,7 @@ def main() -> None:
         print(f"{method:8s} step {1e3 * steps[method]:.1f} ms ({args.batch / steps[method]:.1f} samples/s): {parts}")
         fwd_bwd = split["student fwd+bwd"]
         line = f"{method:8s} student fwd+bwd: {flops / 1e12:.2f} TFLOP per step, {tokens / fwd_bwd:.0f} tokens/s"
+        line += f", {flops / fwd_bwd / 1e9:.1f} GFLOP/s"
         if args.peak_tflops:
             achieved = flops / fwd_bwd / 1e12
             line += f", {achieved:.1f} TFLOP/s = {100 * achieved / args.peak_tflops:.1f}% MFU"
