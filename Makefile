@@ -31,7 +31,7 @@ demo: $(STAMP)
 # final eval.json exists is skipped (delete runs/compare to start over). fm runs first: its
 # evaluation trains the built-in feature nets that REPA then aligns to.
 # The default is the protocol measured in the README: images only (the one modality the demo's trunk
-# learns within a CPU budget), 300 steps a run, about 85 min for the 21 runs on 2 CPU cores. All
+# learns within a CPU budget), 300 steps a run, 78 min for the 21 runs on 2 CPU cores (measured). All
 # three modalities at the demo's mix: make compare COMPARE_STEPS=1500 COMPARE_TRAIN= COMPARE_EVAL=
 # (not measured: about 5 h of training plus 21 evaluations of about 3 min).
 # COMPARE_EVAL_EVERY > 0 adds periodic evaluations (metric-vs-step plots) at extra cost;
