@@ -241,6 +241,29 @@ def test_unguided_and_guided_sets_are_labelled_and_independent(data, tmp_path):
         replace(cfg, guided_cfg=1.0)
 
 
+def test_save_media_zero_scores_without_writing_samples(data, tmp_path):
+    """`eval.save_media=0` (numbers only) gives the same metrics and writes no sample files; a negative
+    count is a config error."""
+    model = tiny_model()
+    cfg = EvalConfig(
+        data=str(data / "lat"),
+        feature_nets=str(data / "nets"),
+        modalities=["image"],
+        num_samples=4,
+        sampler=SamplerConfig(kind="euler", num_steps=2),
+        save_media=2,
+    )
+    shown = evaluate(model, cfg, tmp_path / "shown", step=0)
+    quiet = evaluate(model, replace(cfg, save_media=0), tmp_path / "quiet", step=0)
+    assert quiet["metrics"]["image"]["fd_builtin"] == shown["metrics"]["image"]["fd_builtin"]
+    assert quiet["metrics"]["image"]["caption_accuracy"] == shown["metrics"]["image"]["caption_accuracy"]
+    assert quiet["media"]["image"]["files"] == [] and quiet["media"]["image"]["real"]["files"] == []
+    assert not (tmp_path / "quiet" / "samples").exists()
+    assert (tmp_path / "shown" / "samples" / "image_grid.png").exists()
+    with pytest.raises(ValueError, match="save_media"):
+        replace(cfg, save_media=-1)
+
+
 def test_noised_probe_uses_fixed_noise_at_each_level(data, tmp_path):
     model = tiny_model()
     probes = linear_probes(model, str(data / "lat"), "image", layer=1, items=24, levels=[0.0, 0.25, 0.5], seed=5)

@@ -85,7 +85,7 @@ class EvalConfig:
     dinov2: str | None = None  # local transformers Dinov2Model folder: FD-DINO
     clip: str | None = None  # local transformers CLIPModel folder: CLIP score
     clap: str | None = None  # local transformers ClapModel folder: FAD
-    save_media: int = 16  # samples per modality written as pictures / GIFs / WAVs
+    save_media: int = 16  # samples per modality written as pictures / GIFs / WAVs; 0: none
     probe_layer: int = 0  # > 0: linear probe of block-`probe_layer` features on the stored attributes
     probe_items: int = 512  # items of the probe (75% fit, 25% scored)
     # noise levels t of the probe's inputs (fixed noise seeded by `seed`): t = 0 plus two levels where
@@ -96,6 +96,8 @@ class EvalConfig:
         unknown = set(self.modalities) - set(MODALITIES)
         if unknown:
             raise ValueError(f"modalities must be among {MODALITIES}, got {sorted(unknown)}")
+        if self.save_media < 0:
+            raise ValueError(f"save_media must be >= 0 (0: no sample files), got {self.save_media}")
         if self.num_samples < 2 or self.batch_size < 1:
             raise ValueError(f"num_samples must be >= 2 (a covariance) and batch_size >= 1, got {self.num_samples}")
         if self.guided_cfg != 0 and self.guided_cfg <= 1:
@@ -346,6 +348,8 @@ def save_samples(name: str, x: torch.Tensor, items: EvalSet, folder: Path, cfg: 
     """The first `cfg.save_media` samples as files named `prefix` + `image_grid.png` / `video_000.gif` /
     `audio_000.wav`; returns {"files": [paths relative to the eval folder], "captions": [...]}."""
     n = min(cfg.save_media, len(x))
+    if n == 0:  # save_media=0: numbers only (a grid of no images used to divide by zero)
+        return {"files": [], "captions": []}
     folder.mkdir(parents=True, exist_ok=True)
     if name == "image":
         files = [media.save_grid(media.to_uint8(x[:n]), folder / f"{prefix}image_grid.png", columns=8, scale=3)]
