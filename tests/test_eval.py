@@ -200,7 +200,8 @@ def test_repa_targets_from_the_builtin_feature_net(data):
 
 def test_unguided_and_guided_sets_are_labelled_and_independent(data, tmp_path):
     """The reported set samples without guidance by default; the guided set is exactly what the same
-    evaluation with cfg_scale = guided_cfg reports, under its own key, files and MLflow names."""
+    evaluation with cfg_scale = guided_cfg reports, under its own key, files and MLflow names. The
+    numbers do not depend on `save_media` (0: no sample files at all; negative: a config error)."""
     model = tiny_model()
     cfg = EvalConfig(
         data=str(data / "lat"),
@@ -213,7 +214,9 @@ def test_unguided_and_guided_sets_are_labelled_and_independent(data, tmp_path):
     )
     assert EvalConfig().sampler.cfg_scale == 1.0 and EvalConfig().guided_cfg == 0
     both = evaluate(model, cfg, tmp_path / "both", step=0)
-    alone = evaluate(model, replace(cfg, guided_cfg=0.0, modalities=["image"]), tmp_path / "alone", step=0)
+    alone = evaluate(
+        model, replace(cfg, guided_cfg=0.0, modalities=["image"], save_media=0), tmp_path / "alone", step=0
+    )
     as_reported = replace(cfg, sampler=replace(cfg.sampler, cfg_scale=3.0), guided_cfg=0.0)
     guided_alone = evaluate(model, as_reported, tmp_path / "guided_alone", step=0)
 
@@ -226,6 +229,8 @@ def test_unguided_and_guided_sets_are_labelled_and_independent(data, tmp_path):
         for key in keys:
             assert both["metrics"][name]["guided"][key] == guided_alone["metrics"][name][key], (name, key)
     assert guided["fd_builtin"] != metrics["fd_builtin"]
+    assert alone["media"]["image"]["files"] == [] and alone["media"]["image"]["real"]["files"] == []
+    assert not (tmp_path / "alone" / "samples").exists()
     assert "caption_accuracy_real" not in guided and "guided" not in unguided
     assert both["protocol"]["sets"] == {"metrics.<modality>": "no guidance", "metrics.<modality>.guided": "CFG 3"}
     assert alone["protocol"]["sets"] == {"metrics.<modality>": "no guidance"}
@@ -239,27 +244,6 @@ def test_unguided_and_guided_sets_are_labelled_and_independent(data, tmp_path):
     assert (tmp_path / "both" / "samples" / "guided_image_grid.png").is_file()
     with pytest.raises(ValueError, match="guided_cfg"):
         replace(cfg, guided_cfg=1.0)
-
-
-def test_save_media_zero_scores_without_writing_samples(data, tmp_path):
-    """`eval.save_media=0` (numbers only) gives the same metrics and writes no sample files; a negative
-    count is a config error."""
-    model = tiny_model()
-    cfg = EvalConfig(
-        data=str(data / "lat"),
-        feature_nets=str(data / "nets"),
-        modalities=["image"],
-        num_samples=4,
-        sampler=SamplerConfig(kind="euler", num_steps=2),
-        save_media=2,
-    )
-    shown = evaluate(model, cfg, tmp_path / "shown", step=0)
-    quiet = evaluate(model, replace(cfg, save_media=0), tmp_path / "quiet", step=0)
-    assert quiet["metrics"]["image"]["fd_builtin"] == shown["metrics"]["image"]["fd_builtin"]
-    assert quiet["metrics"]["image"]["caption_accuracy"] == shown["metrics"]["image"]["caption_accuracy"]
-    assert quiet["media"]["image"]["files"] == [] and quiet["media"]["image"]["real"]["files"] == []
-    assert not (tmp_path / "quiet" / "samples").exists()
-    assert (tmp_path / "shown" / "samples" / "image_grid.png").exists()
     with pytest.raises(ValueError, match="save_media"):
         replace(cfg, save_media=-1)
 
