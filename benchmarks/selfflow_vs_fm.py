@@ -2,7 +2,8 @@
 
 Runs `selfflow train` twice (same config, `objective.method` = selfflow / fm) one after the
 other and prints the median optimizer-step time of each (first 20 steps dropped as warm-up),
-their ratio, and the first / last 10-step mean of each loss term. With `--peak-tflops` it also
+their ratio, the first / last 10-step mean of each loss term, and the median time each step waited
+for its batch (`data_time` of metrics.jsonl). With `--peak-tflops` it also
 prints tokens/s and the model FLOPs utilisation of the student's forward + backward:
 
     FLOPs per step = 3 * tokens * (2 * P_matmul + 4 * depth * L * D)
@@ -57,6 +58,9 @@ def main() -> None:
             f"rep {mean(first, 'rep'):.4f} -> {mean(last, 'rep'):.4f}"
         )
     print(f"step time ratio selfflow / fm: {times['selfflow'] / times['fm']:.3f}")
+    for method, rows in results.items():  # the host's wait for the batch inside the step (target: <= 1 ms)
+        wait = statistics.median(r["data_time"] for r in rows[20:])
+        print(f"{method:8s} median data time {wait * 1e3:.3f} ms of the step")
     if args.peak_tflops:
         flops, tokens = student_flops(args.config, args.overrides)
         for method, seconds in times.items():

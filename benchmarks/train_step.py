@@ -14,6 +14,15 @@ the benchmark prints tokens/s and the model FLOPs utilisation of the student's f
     python benchmarks/train_step.py                                     # tiny MMDiT on CPU
     python benchmarks/train_step.py --preset demo --batch 32            # the demo's trunk and image batch
     python benchmarks/train_step.py --preset 625m --device cuda --dtype bf16 --batch 38 --compile --peak-tflops 989
+
+`--shape video` / `--shape audio` put the paper's other token grids through the same trunk: Wan2.2
+latents of 45 frames at 192 x 320 (12 x 12 x 20 tokens of 48 channels, mask ratio 0.10;
+configs/data/prepare_wan.yaml) and Oobleck latents of 10 s (250 tokens of 64 channels, mask ratio
+0.50; configs/data/prepare_oobleck.yaml), with the paper's batches 8 and 16 as `--batch`. On a GPU the
+peak memory of each method's steps is printed; `--grad-checkpointing` recomputes every block's
+activations in backward (compare the two peaks; the FLOPs counted then include the recomputed
+forward, about 1.33x, so take MFU from runs without it). The whole-step MFU counts the teacher's forward
+(to block k) as useful work beside the student's forward + backward.
 """
 
 import argparse
@@ -21,13 +30,14 @@ import copy
 import dataclasses
 import time
 from collections import defaultdict
+from typing import NamedTuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from selfflow.backbone.mmdit import MMDiTConfig, build_mmdit
 from selfflow.flow.paths import TimestepConfig
-from selfflow.modalities.grid import image_ids
+from selfflow.modalities.grid import grid_ids, image_ids
 from selfflow.training.objective import ObjectiveConfig, noise_batch, training_loss
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -46,6 +56,25 @@ def preset(name: str) -> tuple[MMDiTConfig, ObjectiveConfig, int]:
     return cfg, ObjectiveConfig(student_layer=2, teacher_layer=6), 16
 
 
+# The paper's video and audio token grids (t, h, w), token width and mask ratio (configs/train/625m_mixed.yaml)
+SHAPES = {"video": ((12, 12, 20), 48, 0.10), "audio": ((250, 1, 1), 64, 0.50)}
+IMAGE_MASK_RATIO = 0.25  # the paper's image mask ratio
+
+
+def tokens_of(
+    shape: str, model_cfg: MMDiTConfig, side: int, batch: int, device
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Clean tokens `(B, L, C)`, their ids and the mask ratio of `shape`; sets the model's modality widths."""
+    if shape == "image":
+        in_dim = model_cfg.modalities["image"][0]
+        ids, ratio = image_ids(batch, side, side, device), IMAGE_MASK_RATIO
+    else:
+        grid, in_dim, ratio = SHAPES[shape]
+        model_cfg.modalities = {shape: [in_dim, in_dim]}
+        ids = grid_ids(batch, *grid, device)
+    return torch.randn(batch, ids.shape[1], in_dim, device=device), ids, ratio
+
+
 class Clock:
     def __init__(self, device: torch.device):
         self.device, self.totals = device, defaultdict(float)
@@ -58,17 +87,34 @@ class Clock:
         return now
 
 
-def run(method: str, args, device, dtype) -> tuple[dict, float, int]:
+class Result(NamedTuple):
+    split: dict  # seconds per step of each phase
+    depth_share: float  # k / depth: the teacher's share of the trunk
+    student_flops: int  # the student's forward (+ feature tap) + backward on one batch
+    teacher_flops: int  # the teacher's forward to block k (0 for flow matching)
+    tokens: int  # data tokens per step
+    peak_mb: float  # CUDA peak memory of the timed steps (nan on CPU)
+
+
+def run(method: str, args, device, dtype) -> Result:
     model_cfg, objective, side = preset(args.preset)
+    model_cfg.grad_checkpointing = args.grad_checkpointing
     objective = dataclasses.replace(objective, method=method)
     torch.manual_seed(0)
+    x0, ids, mask_ratio = tokens_of(args.shape, model_cfg, side, args.batch, device)
+    modality = next(iter(model_cfg.modalities))
     student = build_mmdit(model_cfg, device).to(dtype)
     teacher = copy.deepcopy(student).float().requires_grad_(False)
-    in_dim = model_cfg.modalities["image"][0]
-    x0 = torch.randn(args.batch, side * side, in_dim, device=device)
-    ids = image_ids(args.batch, side, side, device)
     gen = torch.Generator().manual_seed(0)
-    flops = student_flops(student, objective, x0, ids, gen, dtype)
+    noised = noise_batch(x0, TimestepConfig("logit_normal"), mask_ratio, objective, gen)
+    flops = student_flops(student, objective, noised, ids, modality, dtype)
+    teacher_flops = 0
+    if method == "selfflow":
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            teacher.hidden_states(
+                noised.x_teacher, noised.tau_teacher, ids, modality=modality, layer=objective.teacher_layer
+            )
+        teacher_flops = counter.get_total_flops()
     if args.compile:
         for trunk in (student, teacher):
             for block in [*trunk.double_blocks, *trunk.single_blocks]:
@@ -81,22 +127,24 @@ def run(method: str, args, device, dtype) -> tuple[dict, float, int]:
 
     def student_fn(x, t, layer):
         if layer is None:
-            return student(x.to(dtype), t, ids).float()
-        out = student.forward_with_features(x.to(dtype), t, ids, layer=layer)
+            return student(x.to(dtype), t, ids, modality=modality).float()
+        out = student.forward_with_features(x.to(dtype), t, ids, modality=modality, layer=layer)
         return out.velocity.float(), out.features.float()
 
     def teacher_fn(x, t, layer):
         start = time.perf_counter()
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-            h = teacher.hidden_states(x, t, ids, layer=layer).float()
+            h = teacher.hidden_states(x, t, ids, modality=modality, layer=layer).float()
         clock.lap("teacher fwd", start)
         return h
 
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             clock.totals.clear()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        noised = noise_batch(x0, TimestepConfig("logit_normal"), 0.25, objective, gen)
+        noised = noise_batch(x0, TimestepConfig("logit_normal"), mask_ratio, objective, gen)
         start = clock.lap("data", start)
         terms = training_loss(objective, x0, noised, student_fn, teacher_fn)
         terms.total.backward()
@@ -110,19 +158,20 @@ def run(method: str, args, device, dtype) -> tuple[dict, float, int]:
             clock.lap("ema", now)
     totals = {k: v / args.steps for k, v in clock.totals.items()}
     totals["student fwd+bwd"] = totals.pop("student fwd+bwd (+teacher)") - totals.get("teacher fwd", 0.0)
-    return totals, objective.teacher_layer / model_cfg.depth, flops
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    tokens = x0.shape[0] * x0.shape[1]
+    return Result(totals, objective.teacher_layer / model_cfg.depth, flops, teacher_flops, tokens, peak)
 
 
-def student_flops(student, objective: ObjectiveConfig, x0, ids, gen, dtype) -> int:
+def student_flops(student, objective: ObjectiveConfig, noised, ids, modality: str, dtype) -> int:
     """FLOPs of the student's forward (with its feature tap for Self-Flow) + backward on one batch."""
-    noised = noise_batch(x0, TimestepConfig("logit_normal"), 0.25, objective, gen)
     with FlopCounterMode(display=False) as counter:
+        x = noised.x_student.to(dtype)
         if objective.method == "selfflow":
-            x, layer = noised.x_student.to(dtype), objective.student_layer
-            out = student.forward_with_features(x, noised.tau, ids, layer=layer)
+            out = student.forward_with_features(x, noised.tau, ids, modality=modality, layer=objective.student_layer)
             (out.velocity.float().sum() + out.features.float().sum()).backward()
         else:
-            student(noised.x_student.to(dtype), noised.tau, ids).float().sum().backward()
+            student(x, noised.tau, ids, modality=modality).float().sum().backward()
     student.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
@@ -138,26 +187,40 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for the MFU figure")
+    parser.add_argument("--shape", choices=("image", *SHAPES), default="image", help="token grid (see above)")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
+    parser.add_argument("--methods", nargs="+", choices=("selfflow", "fm"), default=["selfflow", "fm"])
     args = parser.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    results = {m: run(m, args, device, dtype) for m in ("selfflow", "fm")}
-    steps = {m: sum(split.values()) for m, (split, *_) in results.items()}
-    tokens = args.batch * preset(args.preset)[2] ** 2
-    for method, (split, _, flops) in results.items():
-        parts = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in split.items())
-        print(f"{method:8s} step {1e3 * steps[method]:.1f} ms ({args.batch / steps[method]:.1f} samples/s): {parts}")
-        fwd_bwd = split["student fwd+bwd"]
-        line = f"{method:8s} student fwd+bwd: {flops / 1e12:.2f} TFLOP per step, {tokens / fwd_bwd:.0f} tokens/s"
-        line += f", {flops / fwd_bwd / 1e9:.1f} GFLOP/s"
+    print(
+        f"preset {args.preset}, {args.shape} tokens, batch {args.batch}, {args.dtype}, compile {args.compile}, "
+        f"activation checkpointing {args.grad_checkpointing}, {device}"
+    )
+    results = {m: run(m, args, device, dtype) for m in args.methods}
+    for method, res in results.items():
+        step = sum(res.split.values())
+        parts = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in res.split.items())
+        print(f"{method:8s} step {1e3 * step:.1f} ms ({args.batch / step:.1f} samples/s, {res.tokens} tokens): {parts}")
+        fwd_bwd = res.split["student fwd+bwd"]
+        line = f"{method:8s} student fwd+bwd: {res.student_flops / 1e12:.4g} TFLOP per step"
+        line += f", {res.tokens / fwd_bwd:.0f} tokens/s, {res.student_flops / fwd_bwd / 1e9:.1f} GFLOP/s"
         if args.peak_tflops:
-            achieved = flops / fwd_bwd / 1e12
+            achieved = res.student_flops / fwd_bwd / 1e12
             line += f", {achieved:.1f} TFLOP/s = {100 * achieved / args.peak_tflops:.1f}% MFU"
         print(line)
-    depth_share = results["selfflow"][1]
-    print(
-        f"Self-Flow / flow matching step time: {steps['selfflow'] / steps['fm']:.3f} "
-        f"(target <= 1 + (k/depth)/3 + 0.05 = {1 + depth_share / 3 + 0.05:.3f})"
-    )
+        useful = res.student_flops + res.teacher_flops
+        line = f"{method:8s} whole step (student fwd+bwd + teacher fwd {res.teacher_flops / 1e12:.4g} TFLOP): "
+        line += f"{useful / step / 1e12:.4g} TFLOP/s"
+        if args.peak_tflops:
+            line += f" = {100 * useful / step / 1e12 / args.peak_tflops:.1f}% MFU"
+        print(line + f"; peak memory {res.peak_mb:.0f} MiB")
+    if len(results) == 2:
+        steps = {m: sum(res.split.values()) for m, res in results.items()}
+        share = results["selfflow"].depth_share
+        print(
+            f"Self-Flow / flow matching step time: {steps['selfflow'] / steps['fm']:.3f} "
+            f"(targets: <= 1 + (k/depth)/3 + 0.05 = {1 + share / 3 + 0.05:.3f}; <= 1.20 on the 625M preset)"
+        )
 
 
 if __name__ == "__main__":

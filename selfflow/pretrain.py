@@ -36,6 +36,16 @@ class PretrainConfig(TrainConfig):
                 "eval_every: periodic evaluation samples the MMDiT's captioned data; for model.kind sit set "
                 "eval_every=0 and sample an export with `selfflow sample`"
             )
+        if self.eval_every:
+            # Periodic evaluation scores what this run trains: a modality the run does not train keeps the
+            # default config's input projection (untrained, at the paper's width) and is left out.
+            trained = [m for m in self.eval.modalities if m in self.modalities]
+            if not trained:
+                raise ValueError(
+                    f"eval.modalities {self.eval.modalities} names no modality this run trains "
+                    f"({sorted(self.modalities)}): periodic evaluation would score nothing"
+                )
+            self.eval.modalities = trained
 
 
 def periodic_eval(cfg: EvalConfig) -> Callable[[Run, int], None]:

@@ -221,3 +221,18 @@ def test_help_keys_file_serves_help_without_importing_torch_and_only_for_its_sou
     keys_file.write_text(json.dumps({**stale, "epilogs": {"train": "config keys: STALE"}}))
     ignored = help_probe(keys_file, "print(out.getvalue())")
     assert "STALE" not in ignored and ignored == built
+
+
+def test_periodic_evaluation_scores_only_the_trained_modalities():
+    """An image-only run of a config made for three modalities keeps the default model's untrained
+    video and audio projections; its periodic evaluation must not sample them (it stopped the run at
+    its first evaluation with a token-width error)."""
+    from selfflow.pretrain import PretrainConfig
+
+    demo = REPO / "configs/train/demo.yaml"
+    image_only = ["modalities.video=null", "modalities.audio=null", "modalities.image.probability=1.0"]
+    cfg = load_config(PretrainConfig, demo, image_only)
+    assert cfg.eval_every and cfg.eval.modalities == ["image"]
+    assert load_config(PretrainConfig, demo).eval.modalities == ["image", "video", "audio"]
+    with pytest.raises(ValueError, match=r"eval.modalities \['audio'\] names no modality this run trains"):
+        load_config(PretrainConfig, demo, [*image_only, "eval.modalities=[audio]"])

@@ -118,6 +118,7 @@ def test_finetune_from_a_pretrained_export_then_act_in_an_environment(clips, tmp
     assert {k: os.environ.get(k) for k in dist_env} == env  # no RANK / MASTER_PORT left for later jobs
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) and r["rep"] != 0 for r in rows)
+    assert all(0 < r["data_time"] < r["step_time"] for r in rows)  # the clip stream's wait, inside the step
     finetuned = tmp_path / "robot.safetensors"
     assert main(["export", "--run", str(run), "--out", str(finetuned)]) == 0
     assert "act_in.weight" in load_export(finetuned)[0].state_dict()

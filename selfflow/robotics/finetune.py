@@ -11,6 +11,7 @@ finiteness check, MLflow, `metrics.jsonl`); only the batch (`clips.ClipStream`) 
     selfflow robotics finetune --config configs/robotics/tiny.yaml init=runs/demo/export/ema.safetensors
 """
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,7 +102,9 @@ class FinetuneTask:
 
     def loss(self, models: Models, step: int, micro: int, generator: torch.Generator) -> StepOutput:
         """One batch of clips: frames and actions noised, the joint loss (+ Self-Flow's terms)."""
+        start = time.perf_counter()
         clip = self.clips.next_batch(models.device)
+        data_time = time.perf_counter() - start
         cond = {} if clip.text is None else {"txt": clip.text, "txt_mask": clip.text_mask}
         modality = ("video", "action")
 
@@ -118,7 +121,9 @@ class FinetuneTask:
 
         terms = video_action_loss(self.cfg.objective, self.cfg.video_action, clip, student, teacher, generator)
         tokens = clip.context.shape[1] + clip.future.shape[1] + clip.actions.shape[1]
-        return StepOutput(terms, "clips", len(clip.actions), len(clip.actions) * tokens, kind="robot")
+        return StepOutput(
+            terms, "clips", len(clip.actions), len(clip.actions) * tokens, kind="robot", data_time=data_time
+        )
 
 
 def finetune(cfg: FinetuneConfig) -> Path:

@@ -123,6 +123,7 @@ class StepOutput(NamedTuple):
     samples: int
     tokens: int
     kind: str = "modality"  # messages say "<kind> <name>"
+    data_time: float = 0.0  # seconds the step waited for this micro-batch (host side: read, decode, collate)
 
 
 class Models:
@@ -297,7 +298,7 @@ def optimizer_step(job: Run, models: Models, step: int) -> dict:
     cfg, engine = job.cfg, job.engine
     engine.set_lr(lr_at(cfg.lr, step, cfg.steps))
     ga = cfg.deepspeed.grad_accum
-    sums = {"loss": 0.0, "fm": 0.0, "rep": 0.0, "samples": 0, "tokens": 0}
+    sums = {"loss": 0.0, "fm": 0.0, "rep": 0.0, "samples": 0, "tokens": 0, "data_time": 0.0}
     per_name: dict[str, float] = {}
     for micro in range(ga):
         gen = torch.Generator().manual_seed(mix_seed(cfg.seed, step, micro, job.info.rank))
@@ -320,6 +321,7 @@ def optimizer_step(job: Run, models: Models, step: int) -> dict:
             sums[key] += getattr(out.terms, "total" if key == "loss" else key).item() / ga
         sums["samples"] += out.samples
         sums["tokens"] += out.tokens
+        sums["data_time"] += out.data_time
         per_name[f"loss/{out.name}"] = out.terms.total.item()
     if not applied:
         return skip_step(job, step, f"{out.kind} {out.name}: the gradient")

@@ -16,6 +16,7 @@ by the weights-only unpickler before anything starts.
     torchrun --nproc-per-node 8 -m selfflow.cli train --config ...     # one node, 8 GPUs
 """
 
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -339,7 +340,9 @@ class PretrainTask:
         """Condition dropout, dual-timestep noising, student and teacher passes for one micro-batch."""
         cfg, device = self.cfg, models.device
         modality = draw_modality(cfg, step)
+        start = time.perf_counter()
         batch = self.next_batch(step, micro)
+        data_time = time.perf_counter() - start
         objective, target = cfg.objective, None
         if objective.method == "repa" and modality in objective.repa_skip:
             objective = replace(objective, method="fm")  # listed in repa_skip: plain flow matching
@@ -374,7 +377,7 @@ class PretrainTask:
                 return model.hidden_states(x, t, *args, layer=layer, **kwargs).float()
 
         terms = training_loss(objective, x0, noised, student, teacher, target_features=target)
-        return StepOutput(terms, modality, len(x0), x0.shape[0] * x0.shape[1])
+        return StepOutput(terms, modality, len(x0), x0.shape[0] * x0.shape[1], data_time=data_time)
 
 
 def load_init(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
