@@ -58,6 +58,17 @@ def tiny_model(seed: int = 0):
     return model.eval()
 
 
+def test_a_modality_the_model_was_not_trained_on_is_refused_before_sampling(data, tmp_path):
+    """A model from an image-only run still has untrained video and audio projections at the default
+    widths; evaluating it on data whose video tokens are another width names the fix up front."""
+    model = tiny_model()
+    model.cfg.modalities["video"] = [48, 48]  # what the data does not have (192-wide tokens)
+    cfg = EvalConfig(data=str(data / "lat"), feature_nets=str(data / "nets"), num_samples=2)
+    with pytest.raises(ValueError, match=r"video tokens 192 wide, the model's video input is 48 wide") as err:
+        evaluate(model, cfg, tmp_path / "out", step=0)
+    assert "eval.modalities" in str(err.value) and not (tmp_path / "out").exists()  # nothing sampled
+
+
 def test_sample_depends_only_on_its_index(data):
     items = read_eval_set(data / "lat", "image", 6)
     model = tiny_model()

@@ -157,11 +157,26 @@ def evaluate(model: MMDiT, cfg: EvalConfig, out: Path, step: int) -> dict | None
     names = [m for m in cfg.modalities if m in model.cfg.modalities and has_modality(cfg.data, m)]
     if not names:
         raise ValueError(f"no modality of {cfg.modalities} is both in the model and in {cfg.data}")
+    check_token_widths(model, cfg.data, names)
     result = {"step": step, "protocol": {**protocol(cfg), "processes": world}, "metrics": {}, "weights_sha256": {}}
     result["media"] = {}
     for name in names:
         evaluate_modality(model, cfg, out, step, name, result)
     return result if rank == 0 else None
+
+
+def check_token_widths(model: MMDiT, data: str, names: list[str]) -> None:
+    """Every evaluated modality's tokens in `data` (its manifest's `token_dim`) fit the model's input
+    projection: a model trained without a modality still has that projection, untrained, at the
+    default width (see `selfflow train`'s default model), and sampling it would fail mid-evaluation."""
+    listed = data_manifest(data).get("modalities", {})
+    for name in names:
+        width, expected = (listed.get(name) or {}).get("token_dim"), model.cfg.modalities[name][0]
+        if width is not None and int(width) != expected:
+            raise ValueError(
+                f"{data} holds {name} tokens {width} wide, the model's {name} input is {expected} wide (was it "
+                f"trained on this data's {name}?): set eval.modalities to the modalities the model was trained on"
+            )
 
 
 def evaluate_modality(model: MMDiT, cfg: EvalConfig, out: Path, step: int, name: str, result: dict) -> None:
