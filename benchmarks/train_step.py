@@ -61,18 +61,14 @@ SHAPES = {"video": ((12, 12, 20), 48, 0.10), "audio": ((250, 1, 1), 64, 0.50)}
 IMAGE_MASK_RATIO = 0.25  # the paper's image mask ratio
 
 
-def tokens_of(
-    shape: str, model_cfg: MMDiTConfig, side: int, batch: int, device
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Clean tokens `(B, L, C)`, their ids and the mask ratio of `shape`; sets the model's modality widths."""
+def tokens_of(shape: str, width: int, side: int, batch: int, device) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Clean tokens `(B, L, width)` of `shape` (image: the preset's side x side grid), their ids and mask ratio."""
     if shape == "image":
-        in_dim = model_cfg.modalities["image"][0]
         ids, ratio = image_ids(batch, side, side, device), IMAGE_MASK_RATIO
     else:
-        grid, in_dim, ratio = SHAPES[shape]
-        model_cfg.modalities = {shape: [in_dim, in_dim]}
+        grid, _, ratio = SHAPES[shape]
         ids = grid_ids(batch, *grid, device)
-    return torch.randn(batch, ids.shape[1], in_dim, device=device), ids, ratio
+    return torch.randn(batch, ids.shape[1], width, device=device), ids, ratio
 
 
 class Clock:
@@ -101,8 +97,11 @@ def run(method: str, args, device, dtype) -> Result:
     model_cfg.grad_checkpointing = args.grad_checkpointing
     objective = dataclasses.replace(objective, method=method)
     torch.manual_seed(0)
-    x0, ids, mask_ratio = tokens_of(args.shape, model_cfg, side, args.batch, device)
-    modality = next(iter(model_cfg.modalities))
+    modality = args.shape
+    if modality != "image":  # the trunk with this modality's projections only
+        width = SHAPES[modality][1]
+        model_cfg.modalities = {modality: [width, width]}
+    x0, ids, mask_ratio = tokens_of(modality, model_cfg.modalities[modality][0], side, args.batch, device)
     student = build_mmdit(model_cfg, device).to(dtype)
     teacher = copy.deepcopy(student).float().requires_grad_(False)
     gen = torch.Generator().manual_seed(0)
