@@ -377,6 +377,9 @@ def test_625m_preset_parameter_count():
         ({"depth_single": -1}, "depth_single"),
         ({"text_timestep": "median"}, "text_timestep"),
         ({"mlp_ratio": 0.0}, "mlp_ratio"),
+        ({"prediction": "eps"}, "prediction"),
+        ({"prediction": "x", "modalities": {"image": [16, 12]}}, "in_dim == out_dim"),
+        ({"x_min_t": 0.0}, "x_min_t"),
     ],
 )
 def test_config_validation_names_the_field(overrides, field):
@@ -490,6 +493,46 @@ def test_joint_sequence_of_two_modalities_uses_each_projection():
     torch.testing.assert_close(v_actions, model.final_layer.act_linear(out[:, 8:]))
     with pytest.raises(ValueError, match="one token tensor per modality"):
         model((frames,), t, ids, modality=("video", "action"))
+
+
+def test_x_prediction_returns_the_velocity_its_clean_estimate_implies():
+    """`prediction="x"`: the head's output is read as x0, and the model returns `(x_t - x0) / max(t, x_min_t)`
+    (JiT). Checked against the same weights with `prediction="velocity"`, whose output is the raw head,
+    for one timestep a sample, per-token timesteps (TwoTimesteps) and a joint sequence; a perfect x0
+    gives back the true velocity `noise - x0`."""
+    cfg = tiny()
+    raw = randomised(cfg)
+    model = build_mmdit(dataclasses.replace(cfg, prediction="x", x_min_t=0.05))
+    model.load_state_dict(raw.state_dict())
+    inp = inputs(cfg)
+    inp["t"] = torch.tensor([0.7, 0.3, 0.01])  # the last is clamped to 0.05
+    tt = TwoTimesteps(inp["t"], torch.tensor([0.2, 0.9, 0.5]), torch.rand(B, H * W) < 0.5)
+    with torch.no_grad():
+        for t in (inp["t"], tt):
+            head = raw(**{**inp, "t": t})
+            dense = t.dense() if isinstance(t, TwoTimesteps) else t[:, None].expand(-1, H * W)
+            want = (inp["x"] - head) / dense.clamp(min=0.05)[..., None]
+            torch.testing.assert_close(model(**{**inp, "t": t}), want)
+    # the conversion is exact for a perfect estimate: x_t = (1 - t) x0 + t noise -> noise - x0
+    x0, noise, t = torch.randn(B, H * W, 16), torch.randn(B, H * W, 16), torch.tensor([0.7, 0.3, 0.05])
+    x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+    torch.testing.assert_close(
+        (x_t - x0) / t.clamp(min=model.cfg.x_min_t)[:, None, None], noise - x0, rtol=1e-5, atol=1e-5
+    )
+    # joint sequence: each part divided by its own tokens' timesteps
+    jcfg = tiny(modalities={"video": [6, 6], "action": [7, 7]}, context_dim=0)
+    jraw = randomised(jcfg)
+    jmodel = build_mmdit(dataclasses.replace(jcfg, prediction="x"))
+    jmodel.load_state_dict(jraw.state_dict())
+    frames, actions = torch.randn(B, 4, 6), torch.randn(B, 2, 7)
+    ids = torch.zeros(B, 6, 4, dtype=torch.long)
+    ids[:, :4, 1] = torch.arange(4)
+    t = torch.cat((torch.zeros(B, 4), torch.full((B, 2), 0.5)), dim=1)  # observed frames at t = 0
+    with torch.no_grad():
+        hf, ha = jraw((frames, actions), t, ids, modality=("video", "action"))
+        vf, va = jmodel((frames, actions), t, ids, modality=("video", "action"))
+    torch.testing.assert_close(vf, (frames - hf) / 0.05)
+    torch.testing.assert_close(va, (actions - ha) / 0.5)
 
 
 # ---------------------------------------------------------------------------------------------- projector heads

@@ -336,3 +336,8 @@ def test_tokens_wider_than_the_trunk_are_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_wide_tokens(cfg)  # as wide as the trunk: fine
+    cfg.modalities = {"audio": [cfg.hidden_size + 1, cfg.hidden_size + 1]}
+    cfg.prediction = "x"  # the head predicts x0 (JiT): wide tokens are what it is for
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_wide_tokens(cfg)

@@ -48,6 +48,7 @@ from selfflow.backbone.mmdit_blocks import (
 from selfflow.backbone.projector import REPA_HIDDEN, build_projector, check_projector
 
 TEXT_TIMESTEP_POLICIES = ("mean", "min", "max")
+PREDICTIONS = ("velocity", "x")
 TIME_FREQ_DIM = 256  # FLUX's sinusoid width for the time and guidance embedders
 
 
@@ -75,6 +76,13 @@ class MMDiTConfig:
     text_vocab: int = 0  # > 0: a learned token embedder (`txt_embedder`) turns text token ids into txt features
     text_max_length: int = 0  # learned text positions of the token embedder
     grad_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
+    # What the head predicts. "velocity" (FLUX, the paper, the public release): the head's output is the
+    # velocity. "x": the head predicts the clean tokens x0 and the model returns the velocity they imply,
+    # `(x_t - x0_hat) / max(t, x_min_t)` (JiT, Li & He 2025, "Back to Basics: Let Denoising Generative
+    # Models Denoise": x-prediction with the velocity loss, for raw-pixel tokens), so the loss, the
+    # samplers and every caller still see a velocity. Needs in_dim == out_dim for every modality.
+    prediction: str = "velocity"
+    x_min_t: float = 0.05  # x prediction: the smallest t divided by (JiT's t_eps default, 5e-2)
     modalities: dict[str, list[int]] = field(default_factory=lambda: {"image": [128, 128]})  # name -> [in, out]
 
     def __post_init__(self):
@@ -97,6 +105,10 @@ class MMDiTConfig:
             raise ValueError(f"axes_dim must be 1 to 4 positive even sizes (ids have 4 columns), got {self.axes_dim}")
         if sum(self.axes_dim) != self.head_dim:
             raise ValueError(f"sum(axes_dim)={sum(self.axes_dim)} must equal head_dim={self.head_dim}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if not 0 < self.x_min_t <= 1:
+            raise ValueError(f"x_min_t must be in (0, 1], got {self.x_min_t}")
         if self.text_timestep not in TEXT_TIMESTEP_POLICIES:
             raise ValueError(f"text_timestep must be one of {TEXT_TIMESTEP_POLICIES}, got {self.text_timestep!r}")
         if not self.modalities:
@@ -106,6 +118,8 @@ class MMDiTConfig:
                 raise ValueError(f"modalities: unknown modality {name!r}, known: {sorted(PREFIX)}")
             if len(dims) != 2 or any(d <= 0 for d in dims):
                 raise ValueError(f"modalities[{name!r}] must be [in_dim, out_dim] > 0, got {dims}")
+            if self.prediction == "x" and dims[0] != dims[1]:
+                raise ValueError(f"prediction 'x' needs in_dim == out_dim, modalities[{name!r}] is {dims}")
 
     @property
     def head_dim(self) -> int:
@@ -337,10 +351,23 @@ class MMDiT(nn.Module):
             tapped = x[:, n_txt:] if i == tap else tapped
         return x[:, n_txt:], tapped
 
-    def _head(self, h: Tensor, cond: Conditioning, modality, x) -> "Tensor | tuple[Tensor, ...]":
+    def _head(self, h: Tensor, cond: Conditioning, modality, x, t) -> "Tensor | tuple[Tensor, ...]":
         shift, scale = cond.img_rows.modulation(self.final_layer.adaLN_modulation, cond.vec, 2, group=2)
         lengths = None if isinstance(modality, str) else [part.shape[1] for part in x]
-        return self.final_layer(h, shift, scale, modality, lengths)
+        out = self.final_layer(h, shift, scale, modality, lengths)
+        if self.cfg.prediction == "velocity":
+            return out
+        # x prediction: the velocity `noise - x0` implied by the predicted x0, since x_t - x0 = t (noise - x0)
+        tt = t.dense() if isinstance(t, TwoTimesteps) else t
+        tt = tt.clamp(min=self.cfg.x_min_t)
+        if isinstance(modality, str):
+            tt = tt[:, None] if tt.ndim == 1 else tt
+            return (x - out) / tt[..., None].to(out.dtype)
+        parts = tt[:, None].expand(-1, sum(lengths)) if tt.ndim == 1 else tt
+        return tuple(
+            (xp - op) / tp[..., None].to(op.dtype)
+            for xp, op, tp in zip(x, out, parts.split(lengths, dim=1), strict=True)
+        )
 
     def _check_layer(self, layer: int) -> None:
         if not 1 <= layer <= self.cfg.depth:
@@ -372,7 +399,7 @@ class MMDiT(nn.Module):
         """
         img, txt, pos, cond = self._embed(x, t, ids, txt, txt_ids, txt_mask, y, modality, guidance)
         h, _ = self._blocks(img, txt, pos, cond, last=self.cfg.depth, tap=0)
-        return self._head(h, cond, modality, x)
+        return self._head(h, cond, modality, x, t)
 
     def forward_with_features(
         self, x, t, ids=None, txt=None, txt_ids=None, y=None, *, txt_mask=None, modality="image", guidance=None, layer
@@ -386,7 +413,7 @@ class MMDiT(nn.Module):
             raise ValueError("forward_with_features needs a projector: cfg.projector_dim is 0")
         img, txt, pos, cond = self._embed(x, t, ids, txt, txt_ids, txt_mask, y, modality, guidance)
         h, tapped = self._blocks(img, txt, pos, cond, last=self.cfg.depth, tap=layer)
-        return MMDiTFeatures(self._head(h, cond, modality, x), self.projector(tapped))
+        return MMDiTFeatures(self._head(h, cond, modality, x, t), self.projector(tapped))
 
     def hidden_states(
         self, x, t, ids=None, txt=None, txt_ids=None, y=None, *, txt_mask=None, modality="image", guidance=None, layer

@@ -182,7 +182,10 @@ def warn_wide_tokens(model: MMDiTConfig | SiTConfig) -> None:
     the samples (measured on the demo's raw waveform tokens of 400 samples through a 128-wide trunk:
     generated audio stayed noise). Latent tokens (FLUX.2 AE 128, Wan2.2 48, SongBloom 64 channels into
     1152) are far below; raw media tokens need patches no wider than the trunk (Li & He, "Back to
-    Basics: Let Denoising Generative Models Denoise", 2025, make the same point and predict x0 instead)."""
+    Basics: Let Denoising Generative Models Denoise", 2025, make the same point and predict x0 instead:
+    `model.prediction=x`, which this warning then leaves alone)."""
+    if getattr(model, "prediction", "velocity") == "x":  # the head predicts x0: no noise to carry through
+        return
     widths = model.modalities if isinstance(model, MMDiTConfig) else {"image": [model.token_dim] * 2}
     for name, (width, _) in widths.items():
         if width > model.hidden_size:
