@@ -43,6 +43,9 @@ COMPARE_GUIDED_CFG ?= 2.0
 # extra overrides for every run's training / evaluation
 COMPARE_TRAIN ?= modalities.image.probability=1 modalities.video.probability=0 modalities.audio.probability=0
 COMPARE_EVAL ?= eval.modalities=[image]
+# The comparison keeps the head it was measured with (velocity prediction, the paper's); the demo's
+# x-prediction (configs/train/demo.yaml) came later and has not been compared across methods.
+COMPARE_BASE := model.prediction=velocity
 COMPARE_VARIANTS := fm repa selfflow no_rep_loss no_masking cleaner_s l2_loss
 # One line per variant: its config overrides on top of configs/train/demo.yaml (REPA's is the only
 # place that says how REPA is configured).
@@ -64,7 +67,8 @@ space := $(empty) $(empty)
 define compare_run
 	test -f runs/compare/$(1)/seed$(2)/evals/final/eval.json || { \
 	  $(BIN)/selfflow train --config configs/train/demo.yaml run_dir=runs/compare/$(1)/seed$(2) seed=$(2) \
-	    steps=$(COMPARE_STEPS) save_every=500 eval_every=$(COMPARE_EVAL_EVERY) $(COMPARE_$(1)) $(COMPARE_TRAIN) && \
+	    steps=$(COMPARE_STEPS) save_every=500 eval_every=$(COMPARE_EVAL_EVERY) $(COMPARE_BASE) $(COMPARE_$(1)) \
+	    $(COMPARE_TRAIN) && \
 	  $(BIN)/selfflow export --run runs/compare/$(1)/seed$(2) --out runs/compare/$(1)/seed$(2)/export/ema.safetensors && \
 	  $(BIN)/selfflow eval --config configs/eval/demo.yaml checkpoint=runs/compare/$(1)/seed$(2)/export/ema.safetensors \
 	    out_dir=runs/compare/$(1)/seed$(2)/evals/final eval.sampler.cfg_scale=1.0 eval.guided_cfg=$(COMPARE_GUIDED_CFG) \
