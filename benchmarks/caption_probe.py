@@ -25,7 +25,7 @@ from selfflow.data.loader import data_manifest
 from selfflow.eval.captions import score_image
 from selfflow.eval.generate import EvalSet, data_modality, read_eval_set
 from selfflow.eval.media import to_uint8
-from selfflow.modalities.text import HFTextEncoder, SentencePieceTokenizer, TextConfig
+from selfflow.modalities.text import SentencePieceTokenizer, TextConfig
 
 
 def swapped(attrs: dict, attribute: str, rng: np.random.Generator) -> dict:
@@ -47,13 +47,12 @@ def swapped(attrs: dict, attribute: str, rng: np.random.Generator) -> dict:
 
 
 def encode_captions(data: str, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Captions as the prepared data holds them: sentencepiece ids, or a transformers encoder's features."""
+    """Captions as the built-in data's sentencepiece ids (`configs/data/prepare_demo.yaml`)."""
     cfg = TextConfig(**data_manifest(data)["text"]["config"])
-    if cfg.kind == "sentencepiece":
-        tokens = SentencePieceTokenizer(cfg.path, cfg.max_length)(captions)
-        return tokens.ids, tokens.mask
-    out = HFTextEncoder(cfg).encode(captions)
-    return out.embeddings, out.mask
+    if cfg.kind != "sentencepiece":
+        raise ValueError(f"{data}: captions are {cfg.kind!r} here; the probe reads sentencepiece ids (the demo's)")
+    tokens = SentencePieceTokenizer(cfg.path, cfg.max_length)(captions)
+    return tokens.ids, tokens.mask
 
 
 @torch.no_grad()

@@ -498,8 +498,7 @@ def test_joint_sequence_of_two_modalities_uses_each_projection():
 def test_x_prediction_returns_the_velocity_its_clean_estimate_implies():
     """`prediction="x"`: the head's output is read as x0, and the model returns `(x_t - x0) / max(t, x_min_t)`
     (JiT). Checked against the same weights with `prediction="velocity"`, whose output is the raw head,
-    for one timestep a sample, per-token timesteps (TwoTimesteps) and a joint sequence; a perfect x0
-    gives back the true velocity `noise - x0`."""
+    for one timestep a sample, per-token timesteps (TwoTimesteps) and a joint sequence."""
     cfg = tiny()
     raw = randomised(cfg)
     model = build_mmdit(dataclasses.replace(cfg, prediction="x", x_min_t=0.05))
@@ -513,12 +512,6 @@ def test_x_prediction_returns_the_velocity_its_clean_estimate_implies():
             dense = t.dense() if isinstance(t, TwoTimesteps) else t[:, None].expand(-1, H * W)
             want = (inp["x"] - head) / dense.clamp(min=0.05)[..., None]
             torch.testing.assert_close(model(**{**inp, "t": t}), want)
-    # the conversion is exact for a perfect estimate: x_t = (1 - t) x0 + t noise -> noise - x0
-    x0, noise, t = torch.randn(B, H * W, 16), torch.randn(B, H * W, 16), torch.tensor([0.7, 0.3, 0.05])
-    x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-    torch.testing.assert_close(
-        (x_t - x0) / t.clamp(min=model.cfg.x_min_t)[:, None, None], noise - x0, rtol=1e-5, atol=1e-5
-    )
     # joint sequence: each part divided by its own tokens' timesteps
     jcfg = tiny(modalities={"video": [6, 6], "action": [7, 7]}, context_dim=0)
     jraw = randomised(jcfg)

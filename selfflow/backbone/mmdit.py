@@ -359,15 +359,15 @@ class MMDiT(nn.Module):
             return out
         # x prediction: the velocity `noise - x0` implied by the predicted x0, since x_t - x0 = t (noise - x0);
         # in float32 (a bf16 1 / t would be off by up to 0.4%), returned in the head's dtype
+        xs, outs = ((x,), (out,)) if isinstance(modality, str) else (x, out)
         tt = (t.dense() if isinstance(t, TwoTimesteps) else t).float().clamp(min=self.cfg.x_min_t)
-        if isinstance(modality, str):
-            tt = tt[:, None] if tt.ndim == 1 else tt
-            return ((x.float() - out.float()) / tt[..., None]).to(out.dtype)
-        parts = tt[:, None].expand(-1, sum(lengths)) if tt.ndim == 1 else tt
-        return tuple(
+        if tt.ndim == 1:
+            tt = tt[:, None].expand(-1, sum(part.shape[1] for part in xs))
+        v = tuple(
             ((xp.float() - op.float()) / tp[..., None]).to(op.dtype)
-            for xp, op, tp in zip(x, out, parts.split(lengths, dim=1), strict=True)
+            for xp, op, tp in zip(xs, outs, tt.split([part.shape[1] for part in xs], dim=1), strict=True)
         )
+        return v[0] if isinstance(modality, str) else v
 
     def _check_layer(self, layer: int) -> None:
         if not 1 <= layer <= self.cfg.depth:

@@ -184,7 +184,7 @@ def warn_wide_tokens(model: MMDiTConfig | SiTConfig) -> None:
     1152) are far below; raw media tokens need patches no wider than the trunk (Li & He, "Back to
     Basics: Let Denoising Generative Models Denoise", 2025, make the same point and predict x0 instead:
     `model.prediction=x`, which this warning then leaves alone)."""
-    if getattr(model, "prediction", "velocity") == "x":  # the head predicts x0: no noise to carry through
+    if isinstance(model, MMDiTConfig) and model.prediction == "x":  # the head predicts x0: no noise to carry
         return
     widths = model.modalities if isinstance(model, MMDiTConfig) else {"image": [model.token_dim] * 2}
     for name, (width, _) in widths.items():
