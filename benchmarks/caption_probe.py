@@ -1,4 +1,4 @@
-"""Does a trained MMDiT use one word of the built-in image captions? A probe of its denoiser, no sampling.
+"""Does a trained MMDiT use one word of the built-in image captions? A probe of its denoiser and samples.
 
 For the first N built-in images of a prepared dataset, the clean tokens are noised to level t (fixed
 noise) and the model's one-step estimate `x0_hat = x_t - t * v` is computed twice: conditioned on the
@@ -66,8 +66,7 @@ def estimates(model, items: EvalSet, noise, t: float, text, mask, modality) -> n
         v = model(x_t, torch.full((x0.shape[0],), t), items.ids[s : s + 64], txt=text[s : s + 64],
                   txt_mask=mask[s : s + 64], modality="image")  # fmt: skip
         out.append(x_t - t * v)
-    x = torch.cat(out)
-    return to_uint8(modality.decode(modality.scatter(x, items.ids, (len(x), *items.latent_shape))).float().clamp(-1, 1))
+    return to_uint8(decode(modality, torch.cat(out), items))
 
 
 def main() -> None:
@@ -94,7 +93,7 @@ def main() -> None:
     def accuracy(pixels, attrs) -> float:
         return float(np.mean([score_image(p, a)[args.attribute] for p, a in zip(pixels, attrs, strict=True)]))
 
-    real = to_uint8(modality.decode(modality.scatter(items.x0, items.ids, (len(items.keys), *items.latent_shape))))
+    real = to_uint8(decode(modality, items.x0, items))
     print(f"{args.checkpoint}, {len(items.keys)} items of {args.data}, attribute {args.attribute}")
     print(f"real images against their own attributes: {accuracy(real, items.attributes):.3f}")
     print("| t | true caption, vs true | swapped caption, vs swapped | swapped caption, vs true |")

@@ -360,12 +360,13 @@ class MMDiT(nn.Module):
         # x prediction: the velocity `noise - x0` implied by the predicted x0, since x_t - x0 = t (noise - x0);
         # in float32 (a bf16 1 / t would be off by up to 0.4%), returned in the head's dtype
         xs, outs = ((x,), (out,)) if isinstance(modality, str) else (x, out)
+        sizes = [part.shape[1] for part in xs]
         tt = (t.dense() if isinstance(t, TwoTimesteps) else t).float().clamp(min=self.cfg.x_min_t)
         if tt.ndim == 1:
-            tt = tt[:, None].expand(-1, sum(part.shape[1] for part in xs))
+            tt = tt[:, None].expand(-1, sum(sizes))
         v = tuple(
             ((xp.float() - op.float()) / tp[..., None]).to(op.dtype)
-            for xp, op, tp in zip(xs, outs, tt.split([part.shape[1] for part in xs], dim=1), strict=True)
+            for xp, op, tp in zip(xs, outs, tt.split(sizes, dim=1), strict=True)
         )
         return v[0] if isinstance(modality, str) else v
 
