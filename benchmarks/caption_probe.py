@@ -1,16 +1,18 @@
-"""Does a trained MMDiT use one word of the built-in image captions? A probe of its denoiser and samples.
+"""Does a trained MMDiT use one word of the built-in captions? A probe of its denoiser and samples.
 
-For the first N built-in images of a prepared dataset, the clean tokens are noised to level t (fixed
-noise) and the model's one-step estimate `x0_hat = x_t - t * v` is computed twice: conditioned on the
-true caption, and on the caption with group 0's shape (or colour) word swapped for another one (shape:
-the next of circle, square, triangle; colour: a palette colour no group uses). Each estimate is decoded
-and scored by the caption checker (`selfflow.eval.captions.score_image`) on that attribute against the
-attributes its caption states, and the swapped estimate also against the true ones. A model that uses
-the word moves `x0_hat` towards the swapped word at high t (accuracy against the true attribute falls,
-against the swapped one rises); one that ignores it gives the same accuracy with either caption. At low
-t the noisy image alone decides, so both captions score like the true image there.
+For the first N built-in images (or videos) of a prepared dataset, the clean tokens are noised to
+level t (fixed noise) and the model's one-step estimate `x0_hat = x_t - t * v` is computed twice:
+conditioned on the true caption, and on the caption with one word swapped for another (image shape:
+group 0's, the next of circle, square, triangle; image colour: group 0's, a palette colour no group
+uses; video direction: the opposite one, left <-> right, up <-> down). Each estimate is decoded and
+scored by the caption checker (`selfflow.eval.captions.score_image` / `score_video`) on that attribute
+against the attributes its caption states, and the swapped estimate also against the true ones. A
+model that uses the word moves `x0_hat` towards the swapped word at high t (accuracy against the true
+attribute falls, against the swapped one rises); one that ignores it gives the same accuracy with
+either caption. At low t the noisy item alone decides, so both captions score like the true item there.
 
     python benchmarks/caption_probe.py --checkpoint runs/demo/export/ema.safetensors --attribute shape
+    python benchmarks/caption_probe.py --checkpoint runs/demo/export/ema.safetensors --attribute direction
 """
 
 import argparse
@@ -22,16 +24,26 @@ import torch
 from selfflow.backbone.checkpoint import load_export
 from selfflow.data import synth_visual
 from selfflow.data.loader import data_manifest
-from selfflow.eval.captions import score_image
+from selfflow.eval.captions import score_image, score_video
 from selfflow.eval.generate import EvalSet, data_modality, decode, generate, read_eval_set
 from selfflow.eval.media import to_uint8
 from selfflow.flow.samplers import SamplerConfig
 from selfflow.modalities.text import SentencePieceTokenizer, TextConfig
 
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+MODALITY = {"shape": "image", "color": "image", "direction": "video"}  # whose captions hold the word
+
 
 def swapped(attrs: dict, attribute: str, rng: np.random.Generator) -> dict:
-    """The item's attributes with group 0's shape or colour replaced (its caption rebuilt from them)."""
+    """The item's attributes with group 0's shape or colour (an image's) or the direction (a video's)
+    replaced, its caption rebuilt from them."""
     out = copy.deepcopy(attrs)
+    if attribute == "direction":
+        out["direction"] = OPPOSITE[out["direction"]]
+        fields = ("background", "background_rgb", "shape", "color", "rgb", "size", "radius", "direction", "speed")
+        scene = synth_visual.VideoScene(**{k: out[k] for k in fields}, pixels_per_frame=0.0, centers=[])
+        out["caption"] = synth_visual.video_caption(scene)
+        return out
     group = out["groups"][0]
     if attribute == "shape":
         group["shape"] = synth_visual.SHAPES[(synth_visual.SHAPES.index(group["shape"]) + 1) % 3]
@@ -58,13 +70,13 @@ def encode_captions(data: str, captions: list[str]) -> tuple[torch.Tensor, torch
 
 @torch.no_grad()
 def estimates(model, items: EvalSet, noise, t: float, text, mask, modality) -> np.ndarray:
-    """`x0_hat` at noise level t, decoded to (N, H, W, 3) uint8."""
+    """`x0_hat` at noise level t, decoded to uint8 images (N, H, W, 3) or videos (N, T, H, W, 3)."""
     out = []
     for s in range(0, len(items.keys), 64):
         x0 = items.x0[s : s + 64]
         x_t = (1 - t) * x0 + t * noise[s : s + 64]
         v = model(x_t, torch.full((x0.shape[0],), t), items.ids[s : s + 64], txt=text[s : s + 64],
-                  txt_mask=mask[s : s + 64], modality="image")  # fmt: skip
+                  txt_mask=mask[s : s + 64], modality=items.modality)  # fmt: skip
         out.append(x_t - t * v)
     return to_uint8(decode(modality, torch.cat(out), items))
 
@@ -73,7 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a `selfflow export` of an MMDiT run")
     parser.add_argument("--data", default="data/demo/latents", help="prepared built-in data (with its json)")
-    parser.add_argument("--attribute", choices=("shape", "color"), default="shape")
+    parser.add_argument("--attribute", choices=tuple(MODALITY), default="shape", help="direction: videos")
     parser.add_argument("--items", type=int, default=256)
     parser.add_argument("--t", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--seed", type=int, default=0)
@@ -82,8 +94,10 @@ def main() -> None:
 
     model, _ = load_export(args.checkpoint)
     model.eval()
-    items = read_eval_set(args.data, "image", args.items)
-    modality = data_modality(args.data, "image")
+    name = MODALITY[args.attribute]
+    items = read_eval_set(args.data, name, args.items)
+    modality = data_modality(args.data, name)
+    score = score_image if name == "image" else score_video
     rng = np.random.default_rng(args.seed)
     other = [swapped(a, args.attribute, rng) for a in items.attributes]
     true_text = (items.text, items.text_mask)
@@ -91,11 +105,11 @@ def main() -> None:
     noise = torch.randn(items.x0.shape, generator=torch.Generator().manual_seed(args.seed))
 
     def accuracy(pixels, attrs) -> float:
-        return float(np.mean([score_image(p, a)[args.attribute] for p, a in zip(pixels, attrs, strict=True)]))
+        return float(np.mean([score(p, a)[args.attribute] for p, a in zip(pixels, attrs, strict=True)]))
 
     real = to_uint8(decode(modality, items.x0, items))
     print(f"{args.checkpoint}, {len(items.keys)} items of {args.data}, attribute {args.attribute}")
-    print(f"real images against their own attributes: {accuracy(real, items.attributes):.3f}")
+    print(f"real {name} items against their own attributes: {accuracy(real, items.attributes):.3f}")
     print("| t | true caption, vs true | swapped caption, vs swapped | swapped caption, vs true |")
     print("|---|---|---|---|")
     for t in args.t:
@@ -108,7 +122,8 @@ def main() -> None:
         with_true = to_uint8(decode(modality, generate(model, items, sampler, args.seed), items))
         swap_items = items._replace(text=swap_text[0], text_mask=swap_text[1])
         with_swap = to_uint8(decode(modality, generate(model, swap_items, sampler, args.seed), swap_items))
-        change = np.abs(with_true.astype(np.int16) - with_swap.astype(np.int16)).mean(axis=(1, 2, 3))
+        change = np.abs(with_true.astype(np.int16) - with_swap.astype(np.int16))
+        change = change.reshape(len(change), -1).mean(axis=1)
         true_true, swap_swap = accuracy(with_true, items.attributes), accuracy(with_swap, other)
         swap_true, median = accuracy(with_swap, items.attributes), np.median(change)
         print(f"samples (Euler 25, seed {args.seed}): true caption, vs true {true_true:.3f}; swapped caption, "
