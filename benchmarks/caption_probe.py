@@ -17,6 +17,7 @@ either caption. At low t the noisy item alone decides, so both captions score li
 
 import argparse
 import copy
+import dataclasses
 
 import numpy as np
 import torch
@@ -40,8 +41,7 @@ def swapped(attrs: dict, attribute: str, rng: np.random.Generator) -> dict:
     out = copy.deepcopy(attrs)
     if attribute == "direction":
         out["direction"] = OPPOSITE[out["direction"]]
-        fields = ("background", "background_rgb", "shape", "color", "rgb", "size", "radius", "direction", "speed")
-        scene = synth_visual.VideoScene(**{k: out[k] for k in fields}, pixels_per_frame=0.0, centers=[])
+        scene = synth_visual.VideoScene(**{f.name: out[f.name] for f in dataclasses.fields(synth_visual.VideoScene)})
         out["caption"] = synth_visual.video_caption(scene)
         return out
     group = out["groups"][0]
