@@ -29,7 +29,7 @@ from train_runs import torchrun
 
 from selfflow.cli import main
 from selfflow.config import load_config
-from selfflow.data.loader import LatentStream, LoaderConfig
+from selfflow.data.loader import LatentStream, LoaderConfig, prepared_modality
 from selfflow.data.prepare import PrepareConfig, prepare, tiny_modalities
 from selfflow.data.synth import SynthConfig, synth
 from selfflow.modalities.audio import OobleckVAE, compute_latent_stats
@@ -296,6 +296,28 @@ def test_cli_synth_and_prepare(tmp_path, capsys):
     assert main(["prepare", f"raw_dir={raw}", f"out_dir={out}", "dtype=fp8"]) == 2
     assert main(["prepare", f"raw_dir={tmp_path / 'nothing'}", f"out_dir={out}"]) == 2
     assert "no raw shards" in capsys.readouterr().err
+
+
+def test_cli_prepares_audio_as_a_log_spectrogram(tmp_path):
+    """`autoencoder=stft` from the command line: the manifest records it, training rebuilds it from there, and
+    the stored tokens are the spectrogram of the audio decoded here with soundfile."""
+    raw, out = tmp_path / "raw", tmp_path / "latents"
+    synth_args = [f"out_dir={raw}", "num_images=0", "num_videos=0", "num_audio=4", "samples_per_shard=4"]
+    assert main(["synth", "--config", str(REPO / "configs/data/synth.yaml"), *synth_args]) == 0
+    preset = str(REPO / "configs/data/prepare_demo.yaml")
+    overrides = ["modalities.image=null", "modalities.video=null", "modalities.audio.autoencoder=stft"]
+    overrides += ["modalities.audio.patch=[1]", f"raw_dir={raw}", f"out_dir={out}"]
+    assert main(["prepare", "--config", preset, *overrides]) == 0
+    entry = json.loads((out / "manifest.json").read_text())["modalities"]["audio"]
+    assert (entry["tokens"], entry["token_dim"], entry["modality"]["autoencoder"]) == (125, 256, "stft")
+    config = prepared_modality(str(out / "audio"), "audio")
+    adapter = build_modality(config)
+    assert (config.autoencoder, adapter.hop, adapter.token_dim) == ("stft", 128, 256)
+    media = {key: item["media"] for key, item in raw_samples(raw, "audio").items()}
+    batch = next(LatentStream(LoaderConfig(str(out / "audio"), shuffle_buffer=1), batch_size=4, seed=0))
+    tokens, ids = adapter.tokenize(adapter.encode(torch.stack([media[key] for key in batch.keys])))
+    assert torch.equal(batch.ids, ids)
+    torch.testing.assert_close(batch.x0, tokens, rtol=0, atol=BF16_HALF_ULP)
 
 
 def test_cli_help_and_presets(capsys):
