@@ -6,12 +6,15 @@ loaded back through the adapter, as a real checkpoint folder would be.
     .venv/bin/pytest -q tests/test_modalities.py
 """
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, AutoencoderKLFlux2, AutoencoderKLWan, AutoencoderOobleck
 from einops import rearrange
 from tiny_autoencoders import TINY_2D, TINY_OOBLECK, TINY_WAN, WAN_MEAN, WAN_STD
 
+from selfflow.data import synth_audio
+from selfflow.eval.captions import score_audio
 from selfflow.modalities.audio import OobleckVAE, compute_latent_stats, save_latent_stats
 from selfflow.modalities.builder import ModalityConfig, build_modality
 from selfflow.modalities.grid import patchify, patchify_3d
@@ -127,11 +130,6 @@ def test_log_spectrogram_keeps_what_the_caption_checker_hears():
     """The stft autoencoder: layout, the dB scale at its two ends, and synthesised clips that keep their notes'
     pitch, onsets and timbre through encode -> tokens -> Griffin-Lim, scored by the independent caption checker
     (Griffin-Lim is not exact: a tone between two bins can be pulled half a semitone, about 2% of clips)."""
-    import numpy as np
-
-    from selfflow.data import synth_audio
-    from selfflow.eval.captions import score_audio
-
     modality = build_modality(ModalityConfig("audio", "stft", channels=1, sample_rate=16000, n_fft=512))
     assert modality.hop == 128 and modality.token_dim == 256
     rng = np.random.default_rng(3)
