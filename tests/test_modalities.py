@@ -138,7 +138,9 @@ def test_log_spectrogram_keeps_what_the_caption_checker_hears():
     latent = modality.encode(wave.float())
     assert latent.shape == (16, 256, 125) and latent.min() >= -1 and latent.max() <= 1
     shuffled_round_trip(modality, latent[:2])
+    state = torch.random.get_rng_state()
     decoded = modality.decode(latent)
+    assert torch.equal(torch.random.get_rng_state(), state)  # Griffin-Lim's seeded phases leave the caller's RNG alone
     assert decoded.shape == wave.shape and decoded.abs().max() <= 1
     assert torch.equal(modality.decode(latent[:2]), decoded[:2])  # deterministic, batch-independent
     scores = [

@@ -106,12 +106,17 @@ class LogSpectrogram(AudioAutoencoder):
 
         B, bins = len(latent), self.n_fft // 2
         db = (latent.float() - 1) / 2 * -self.FLOOR_DB
-        magnitude = (10 ** (db / 20) - 10 ** (self.FLOOR_DB / 20)).clamp_min(0) * (self.n_fft / 4)
+        magnitude = torch.where(db > self.FLOOR_DB, 10 ** (db / 20), 0.0) * (self.n_fft / 4)  # the floor is silence
         magnitude = nn.functional.pad(magnitude.reshape(B * self.media_channels, bins, -1), (0, 1, 0, 1))
         samples = (magnitude.shape[-1] - 1) * self.hop
-        cuda = [latent.device.index or torch.cuda.current_device()] if latent.is_cuda else []
-        with torch.random.fork_rng(devices=cuda):  # random initial phases from a fixed seed; the caller's RNG untouched
-            torch.manual_seed(0)
+        # Griffin-Lim draws its initial phases from the latent device's default generator: seed that one
+        # generator, inside a fork that gives the caller back its state
+        with torch.random.fork_rng(devices=[latent.device] if latent.is_cuda else []):
+            if latent.is_cuda:
+                with torch.cuda.device(latent.device):
+                    torch.cuda.manual_seed(0)
+            else:
+                torch.default_generator.manual_seed(0)
             wave = griffinlim(
                 magnitude,
                 self.window,
