@@ -18,6 +18,7 @@ from selfflow.eval.builtin_features import attribute_targets, load_feature_net, 
 from selfflow.eval.encoders import RepaEncoder
 from selfflow.eval.evaluate import EvalConfig, evaluate, flat
 from selfflow.eval.generate import generate, read_eval_set
+from selfflow.eval.media import save_spectrograms
 from selfflow.eval.probe import fit_logistic, linear_probe, linear_probes, probe_features
 from selfflow.flow.samplers import SamplerConfig
 
@@ -165,6 +166,11 @@ def test_train_eval_report_end_to_end(data, tmp_path):
         # copied beside the page, and embedded in it byte for byte (the page stands alone in MLflow's viewer)
         assert (report / path).is_file() and base64.b64encode((report / path).read_bytes()).decode() in page
     assert '<audio controls src="data:audio/wav;base64,' in page
+    for picture in ("media/final_step3_audio_spectrograms.png", "media/run_step3_real_audio_spectrograms.png"):
+        # the clips' spectrograms beside their players: one cell per saved clip, in the page and the markdown
+        cells = np.asarray(Image.open(report / picture)).shape
+        assert base64.b64encode((report / picture).read_bytes()).decode() in page and f"]({picture})" in markdown
+        assert cells == (2 + 256 + 2, 2 + 2 * (125 + 2), 3)  # 2 clips of 1 s at 16 kHz (eval.save_media=2)
     assert "| run (no guidance) |" in markdown and "| run (CFG 2) |" in markdown
     assert (report / "media/run_step3_guided_image_grid.png").is_file()
     real = report / "media/run_step3_real_image_grid.png"  # the real items beside the samples (decoded latents)
@@ -173,6 +179,24 @@ def test_train_eval_report_end_to_end(data, tmp_path):
     assert grid.std() > 0 and not np.array_equal(grid, samples)
     artifacts = {a.path for a in client.list_artifacts(record["run_id"], "report")}
     assert {"report/report.html", "report/report.md", "report/media"} <= artifacts
+
+
+def test_spectrogram_picture_shows_each_clip_in_its_cell(tmp_path):
+    seconds = np.arange(16000) / 16000
+    clips = [np.sin(2 * np.pi * 1000 * seconds), np.zeros(16000), 0.5 * np.sin(2 * np.pi * 3000 * seconds)]
+    stereo = np.stack([np.stack([c, c]) for c in clips])  # (N, C, S): the picture shows the channels' mean
+    picture = np.asarray(Image.open(save_spectrograms(stereo, 16000, tmp_path / "s.png", columns=2)))
+    assert picture.shape == (2 + 2 * (256 + 2), 2 + 2 * (125 + 2), 3)  # 256 bins, 125 hops of 128 samples
+    assert (picture[..., 0] == picture[..., 2]).all()  # gray
+    cells = [picture[2 + r * 258 : 258 + r * 258, 2 + c * 127 : 127 + c * 127, 0] for r, c in ((0, 0), (0, 1), (1, 0))]
+    # a tone lights the row of its FFT bin (f * 512 / 16000), counted from the bottom: 0 dB at full
+    # scale is white, half amplitude 20 log10(0.5) = -6.02 dB of the 100 dB range
+    for cell, hz, level in ((cells[0], 1000, 255), (cells[2], 3000, 255 * (1 - 6.02 / 100))):
+        rows = cell[:, 4:-4].astype(float).mean(axis=1)  # away from the clip's ends
+        assert int(np.argmax(rows)) == 255 - hz * 512 // 16000
+        assert rows.max() == pytest.approx(level, abs=2)
+    assert (cells[1] == 0).all()  # silence: the -100 dB floor, black
+    assert (picture[258 + 2 :, 127 + 2 :] == 255).all()  # the grid's empty fourth cell stays white
 
 
 def test_logistic_probe_separates_what_is_linearly_separable():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from selfflow.eval.media import save_gif, save_grid, save_wav
+from selfflow.eval.media import save_gif, save_grid, save_spectrograms, save_wav
 from selfflow.eval.report import ReportConfig, write_report
 
 PROBE = """
@@ -57,12 +57,15 @@ def fake_eval(folder: Path) -> None:
     save_grid(rng.integers(0, 255, (4, 8, 8, 3), dtype=np.uint8), samples / "image_grid.png")
     save_grid(rng.integers(0, 255, (4, 8, 8, 3), dtype=np.uint8), samples / "real_image_grid.png")
     save_gif(rng.integers(0, 255, (3, 8, 8, 3), dtype=np.uint8), samples / "video_0.gif")
-    save_wav(np.sin(np.arange(8000) / 5.0) * 0.5, 16000, samples / "audio_0.wav")
+    tone = np.sin(np.arange(8000) / 5.0) * 0.5
+    save_wav(tone, 16000, samples / "audio_0.wav")
+    save_spectrograms(tone[None], 16000, samples / "audio_spectrograms.png")
     media = {
         "image": {"files": ["samples/image_grid.png"], "captions": ["a", "b", "c", "d"],
                   "real": {"files": ["samples/real_image_grid.png"], "captions": ["a", "b", "c", "d"]}},
         "video": {"files": ["samples/video_0.gif"], "captions": ["v"]},
-        "audio": {"files": ["samples/audio_0.wav"], "captions": ["a tone"]},
+        "audio": {"files": ["samples/audio_0.wav"], "captions": ["a tone"],
+                  "picture": "samples/audio_spectrograms.png"},
     }  # fmt: skip
     metrics = {name: {"fd_builtin": 1.0} for name in media}
     protocol = {"sampler": {"kind": "euler", "num_steps": 25, "cfg_scale": 1.0}, "guided_cfg": 0, "num_samples": 4}
@@ -89,6 +92,7 @@ def test_every_media_element_of_the_report_loads_in_chromium_also_alone(tmp_path
     for shown in (page, alone):
         result = loaded(shown)
         assert len(result["images"]) >= 5 and len(result["audio"]) == 2  # plots, grids, GIFs; one WAV per input
+        assert sum("audio_spectrograms" in item["src"] for item in result["images"]) == 2  # one per input
         assert all(item["ok"] for item in result["images"] + result["audio"]), result
 
 

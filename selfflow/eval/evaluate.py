@@ -361,11 +361,13 @@ def scorable(name: str, x: torch.Tensor) -> list:
 
 def save_samples(name: str, x: torch.Tensor, items: EvalSet, folder: Path, cfg: EvalConfig, prefix: str = "") -> dict:
     """The first `cfg.save_media` samples as files named `prefix` + `image_grid.png` / `video_000.gif` /
-    `audio_000.wav`; returns {"files": [paths relative to the eval folder], "captions": [...]}."""
+    `audio_000.wav`; returns {"files": [paths relative to the eval folder], "captions": [...]}, for audio
+    with "picture": the clips' log spectrograms in one grid (`audio_spectrograms.png`, in caption order)."""
     n = min(cfg.save_media, len(x))
     if n == 0:  # save_media=0: numbers only (a grid of no images used to divide by zero)
         return {"files": [], "captions": []}
     folder.mkdir(parents=True, exist_ok=True)
+    extra = {}
     if name == "image":
         files = [media.save_grid(media.to_uint8(x[:n]), folder / f"{prefix}image_grid.png", columns=8, scale=3)]
     elif name == "video":
@@ -374,7 +376,9 @@ def save_samples(name: str, x: torch.Tensor, items: EvalSet, folder: Path, cfg: 
     else:
         rate = modality_rate(cfg, name)
         files = [media.save_wav(w.numpy(), rate, folder / f"{prefix}audio_{i:03d}.wav") for i, w in enumerate(x[:n])]
-    return {"files": [str(f.relative_to(folder.parent)) for f in files], "captions": items.captions[:n]}
+        picture = media.save_spectrograms(x[:n].numpy(), rate, folder / f"{prefix}audio_spectrograms.png")
+        extra["picture"] = str(picture.relative_to(folder.parent))
+    return {"files": [str(f.relative_to(folder.parent)) for f in files], "captions": items.captions[:n], **extra}
 
 
 def flat(metrics: dict) -> dict[str, float]:

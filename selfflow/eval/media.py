@@ -1,4 +1,5 @@
-"""Files people look at: image grids (PNG), videos (GIF, plays in any browser), audio (WAV).
+"""Files people look at: image grids (PNG), videos (GIF, plays in any browser), audio (WAV, and a
+picture of the clips' log spectrograms).
 
 The built-in data is tiny (32 px), so pictures are enlarged with nearest-neighbour scaling to
 keep pixels honest. `to_uint8` is the one conversion from model media in [-1, 1] to pixels, used
@@ -8,6 +9,7 @@ for these files, for the metrics' networks and for the caption checks.
     save_grid(pixels_uint8_nhwc, "samples/image_grid.png", columns=8, scale=3)
     save_gif(frames_uint8_thwc, "samples/video_000.gif", fps=8, scale=3)
     save_wav(waveform_cs, 16000, "samples/audio_000.wav")
+    save_spectrograms(waveforms_ncs, 16000, "samples/audio_spectrograms.png", columns=4)
 """
 
 from pathlib import Path
@@ -17,6 +19,8 @@ import soundfile
 import torch
 from PIL import Image
 from torch import Tensor
+
+from selfflow.modalities.audio import LogSpectrogram
 
 
 def to_uint8(media: Tensor) -> np.ndarray:
@@ -73,3 +77,20 @@ def save_wav(waveform: np.ndarray, sample_rate: int, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     soundfile.write(path, np.clip(data, -1, 1), sample_rate, subtype="PCM_16")
     return path
+
+
+def save_spectrograms(waveforms: np.ndarray, sample_rate: int, path: str | Path, columns: int = 4) -> Path:
+    """Float `(N, C, S)` or `(N, S)` clips as one grid picture of their log spectrograms, in order,
+    `columns` to a row: each cell is the channel mean's `LogSpectrogram` (Hann 512, hop 128: one column
+    of pixels a hop, one row a bin, 0 Hz at the bottom), -100 dB black to 0 dB (a full-scale sine) white.
+    A clip is padded with silence to a whole number of hops."""
+    x = torch.as_tensor(np.asarray(waveforms, dtype=np.float32))
+    if x.ndim == 2:
+        x = x[:, None]
+    if x.ndim != 3 or 0 in x.shape:
+        raise ValueError(f"save_spectrograms wants float (N, C, S) or (N, S) clips, got shape {tuple(waveforms.shape)}")
+    stft = LogSpectrogram(channels=1, sample_rate=sample_rate)
+    mono = torch.nn.functional.pad(x.mean(dim=1, keepdim=True), (0, -x.shape[-1] % stft.hop))
+    with torch.no_grad():
+        gray = to_uint8(stft.encode(mono).flip(1)[:, None])  # (N, bins, frames, 1), low frequencies at the bottom
+    return save_grid(np.repeat(gray, 3, axis=-1), path, columns=columns)

@@ -59,7 +59,7 @@ class Section:
     title: str
     plots: list[str]  # paths relative to the report folder
     tables: list[tuple[list[str], list[list[str]]]]  # (header, rows)
-    samples: list[dict]  # {"run", "files", "captions"}
+    samples: list[dict]  # {"run", "files", "captions"}, audio also "picture" (the clips' spectrograms)
     notes: list[str] = field(default_factory=list)  # lines of text after the tables
 
 
@@ -403,14 +403,22 @@ def copy_samples(modality: str, run: Run, folder: Path, result: dict, out: Path,
     """Copy one set of an evaluation's media (`key`: None the samples, GUIDED, REAL) beside the report."""
     saved = result.get("media", {}).get(modality, {"files": [], "captions": []})
     saved = saved.get(key, {"files": [], "captions": []}) if key else saved
-    files = []
-    for rel in saved["files"]:
+
+    def copy(rel: str) -> str:
         target = out / "media" / f"{run.name}_step{result['step']}_{Path(rel).name}"
         shutil.copyfile(folder / rel, target)
-        files.append(f"media/{target.name}")
-    return {"run": f"{run.name}, {label}", "files": files, "captions": saved["captions"]}
+        return f"media/{target.name}"
+
+    files = [copy(rel) for rel in saved["files"]]
+    block = {"run": f"{run.name}, {label}", "files": files, "captions": saved["captions"]}
+    if saved.get("picture"):  # audio: the clips' spectrograms in one picture
+        block["picture"] = copy(saved["picture"])
+    return block
 
 
+SPECTROGRAMS = (
+    "log spectrograms of the clips below, in their order by rows (0 Hz at the bottom; -100 dB black, 0 dB white)"
+)
 MIME = {".png": "image/png", ".gif": "image/gif", ".wav": "audio/wav", ".mp4": "video/mp4"}
 EMBED_LIMIT = 8 * 2**20  # bytes; larger files stay links beside the report
 
@@ -454,6 +462,8 @@ def render_html(title: str, runs: list[Run], sections: list[Section], out: Path)
         parts += [f'<img src="{source(p, out)}" alt="{html.escape(p)}">' for p in section.plots]
         for block in section.samples:
             parts.append(f"<h3>samples: {html.escape(block['run'])}</h3>")
+            if block.get("picture"):
+                parts.append(f"<p>{SPECTROGRAMS}</p>" + media_html(block["picture"], out))
             if len(block["files"]) == 1 and len(block["captions"]) > 1:  # one grid for many captions
                 parts.append(media_html(block["files"][0], out))
                 parts.append("<ol start='0'>" + "".join(f"<li>{html.escape(c)}</li>" for c in block["captions"]))
@@ -481,6 +491,8 @@ def render_markdown(title: str, runs: list[Run], sections: list[Section]) -> str
         for block in section.samples:
             parts.append(f"samples of `{block['run']}`: " + ", ".join(f"[{Path(f).name}]({f})" for f in block["files"]))
             parts.append("")
+            if block.get("picture"):
+                parts += [f"{SPECTROGRAMS}:", "", f"![spectrograms of `{block['run']}`]({block['picture']})", ""]
     return "\n".join(parts) + "\n"
 
 
