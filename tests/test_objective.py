@@ -7,6 +7,7 @@ a plausible wrong answer, so a pass means something.
 import json
 import math
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -235,6 +236,29 @@ def test_flow_matching_only(cfg):
         assert n.mask.any() and torch.equal(t_student, torch.where(n.mask, n.s[:, None], n.t[:, None]))
 
 
+@pytest.mark.parametrize("method", ["fm", "selfflow"])
+def test_contrastive_flow_matching_by_hand(method):
+    """Delta-FM: total = fm - lambda * mse(v_i, target of item i - 1), the logged fm stays the plain MSE."""
+    cfg = ObjectiveConfig(method=method, contrastive_weight=0.05, student_layer=2, teacher_layer=5)
+    x0, n = hand_case(cfg)
+    nets = ToyNets()
+    terms = training_loss(cfg, x0, n, nets.student, nets.teacher)
+    plain = training_loss(replace(cfg, contrastive_weight=0.0), x0, n, ToyNets().student, ToyNets().teacher)
+    with torch.no_grad():
+        v, _ = by_hand(nets, n.x_student, n.tau)
+        targets = n.noise - x0
+        negative = sum(((v[i] - targets[i - 1]) ** 2).mean() for i in range(len(x0))) / len(x0)  # 0's is item B-1's
+        fm = ((v - targets) ** 2).mean()
+    torch.testing.assert_close(terms.fm, fm, rtol=0, atol=1e-6)
+    torch.testing.assert_close(terms.total, plain.total - 0.05 * negative, rtol=0, atol=1e-6)
+    assert negative.item() > fm.item()  # another item's target is farther: the term is not a copy of fm
+
+    one = ObjectiveConfig(method=method, contrastive_weight=0.05, student_layer=2, teacher_layer=5)
+    x1, n1 = x0[:1], noise_batch(x0[:1], TimestepConfig(), 0.4, one, gen(21))
+    with pytest.raises(ValueError, match="at least 2 items"):
+        training_loss(one, x1, n1, ToyNets().student, ToyNets().teacher)
+
+
 def test_selfflow_needs_a_teacher():
     cfg = ObjectiveConfig()
     x0, n = hand_case(cfg)
@@ -327,6 +351,8 @@ def test_drop_condition():
         ("cleaner_delta", 1.5),
         ("cond_dropout", -0.1),
         ("cond_dropout", 1.1),
+        ("contrastive_weight", -0.1),
+        ("contrastive_weight", 1.0),
     ],
 )
 def test_config_validation_names_the_field(field, value):

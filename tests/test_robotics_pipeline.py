@@ -22,6 +22,7 @@ from selfflow.robotics.finetune import FinetuneConfig, init_model
 from selfflow.robotics.policy import PolicyConfig
 from selfflow.robotics.rt1 import Episode, write_episode_record, write_tfrecord
 from selfflow.robotics.simpler import SimplerConfig, run_simpler
+from selfflow.training.objective import ObjectiveConfig
 
 STEPS = 8
 
@@ -197,3 +198,10 @@ def test_convert_on_two_processes_equals_one_and_clips_stream_with_exact_resume(
     assert seen[0] and seen[1] and not seen[0] & seen[1]
     uninterrupted = actions(1, 6)
     assert all(torch.equal(a, b) for a, b in zip(actions(1, 2, position=4), uninterrupted[4:], strict=True))
+
+
+def test_finetuning_refuses_a_contrastive_weight_it_would_ignore():
+    """Delta-FM is a pretraining term; the video-action loss has none, so setting it is a config error."""
+    with pytest.raises(ValueError, match="contrastive_weight"):
+        FinetuneConfig(objective=ObjectiveConfig(student_layer=1, teacher_layer=3, contrastive_weight=0.05))
+    assert FinetuneConfig(objective=ObjectiveConfig(student_layer=1, teacher_layer=3)).objective.contrastive_weight == 0

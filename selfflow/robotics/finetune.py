@@ -66,6 +66,8 @@ class FinetuneConfig(RunConfig):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         check_objective(self.objective, self.model)
+        if self.objective.contrastive_weight:
+            raise ValueError("objective.contrastive_weight (Delta-FM) is for pretraining; video-action finetuning has no such term")
         warn_wide_tokens(self.model)
 
 

@@ -72,6 +72,12 @@ class ObjectiveConfig:
       0.05 fixed is this project's choice (unknown, chosen as "slightly" = 5% of the noise range).
     - L2 instead of cosine: `rep_loss=l2`, the squared error per token averaged over tokens and channels
       (a per-token mean, so it is on the scale of the flow-matching MSE).
+
+    Not in the paper, an option of any method: `contrastive_weight` (lambda) adds Contrastive Flow
+    Matching (Stoica et al. 2025, arXiv 2506.05350, "Delta-FM"), `- lambda * mse(v, noise' - x0')`, the
+    velocity pushed away from another item's target. The reference (gstoica27/DeltaFM, `--loss-type
+    contrastive`) takes the other item from a shuffle of the batch; here it is the batch rolled by one,
+    so no item is its own negative.
     """
 
     method: str = "selfflow"  # "selfflow" | "fm" (vanilla flow matching) | "repa"
@@ -86,6 +92,9 @@ class ObjectiveConfig:
     second_timestep: str = "independent"  # "independent" (paper) | "slightly_cleaner" | "none" (ablations)
     cleaner_delta: float = 0.05  # slightly_cleaner: the gap (or its upper end); unknown, see above
     cleaner_gap: str = "fixed"  # slightly_cleaner: "fixed" gap delta | "uniform" gap ~ U(0, delta)
+    # Delta-FM's lambda; 0 = off (the paper and its baselines). The reference's value is 0.05
+    # (gstoica27/DeltaFM README, --contrastive-weight); below 1 the loss stays bounded below.
+    contrastive_weight: float = 0.0
     cond_dropout: float = 0.1  # condition dropout for CFG (REPA / SiT --cfg-prob 0.1; the paper does not say)
     repa_encoder: str | None = None  # REPA: local folder of a transformers vision model (e.g. DINOv2-B)
     # REPA: encoder input size; 0 = REPA's for the encoder (224 for DINOv2: REPA train.py
@@ -111,6 +120,8 @@ class ObjectiveConfig:
             raise ValueError(f"masking must be a bool, got {self.masking!r}")
         if not 0 <= self.cleaner_delta <= 1:
             raise ValueError(f"cleaner_delta must be in [0, 1], got {self.cleaner_delta}")
+        if not 0 <= self.contrastive_weight < 1:
+            raise ValueError(f"contrastive_weight must be in [0, 1) (unbounded loss from 1), got {self.contrastive_weight}")
         if not 0 <= self.cond_dropout <= 1:
             raise ValueError(f"cond_dropout must be in [0, 1], got {self.cond_dropout}")
         if self.repa_image_size < 0:
@@ -152,7 +163,7 @@ class NoisedBatch(NamedTuple):
 
 class LossTerms(NamedTuple):
     total: Tensor
-    fm: Tensor
+    fm: Tensor  # the plain flow-matching MSE (without Delta-FM's negative term)
     rep: Tensor  # 0-d zero when the representation loss is off
 
 
@@ -208,6 +219,13 @@ def flow_matching_loss(v_pred: Tensor, x0: Tensor, noise: Tensor) -> Tensor:
     return F.mse_loss(v_pred.float(), velocity_target(x0, noise).float())
 
 
+def contrastive_term(v_pred: Tensor, x0: Tensor, noise: Tensor) -> Tensor:
+    """Delta-FM's negative: the MSE of each item's velocity against the next item's target (batch rolled by one)."""
+    if len(x0) < 2:
+        raise ValueError(f"objective.contrastive_weight > 0 needs at least 2 items a batch (negatives), got {len(x0)}")
+    return F.mse_loss(v_pred.float(), velocity_target(x0, noise).float().roll(1, dims=0))
+
+
 def representation_loss(pred: Tensor, target: Tensor, kind: str = "cosine") -> Tensor:
     """Feature alignment loss in float32, averaged over tokens (paper Eq. 5; REPA `loss.py`).
 
@@ -239,14 +257,21 @@ def training_loss(
     teacher: Teacher | None = None,
     target_features: Tensor | None = None,
 ) -> LossTerms:
-    """`fm + gamma * rep` for one batch; the student runs once, the teacher (if any) once without grad."""
+    """`fm + gamma * rep` (`- contrastive_weight * negative` with Delta-FM) for one batch; the student runs
+    once, the teacher (if any) once without grad."""
     tau = noised.student_t
     if cfg.student_layer is None or (cfg.method == "selfflow" and cfg.teacher_layer is None):
         raise ValueError("objective layers are null: resolve them from the model's depth first")
-    if cfg.rep_weight == 0:
-        v = student(noised.x_student, tau, None)
+
+    def fm_and_negative(v: Tensor) -> tuple[Tensor, Tensor]:
         fm = flow_matching_loss(v, x0, noised.noise)
-        return LossTerms(fm, fm, fm.new_zeros(()))
+        if cfg.contrastive_weight == 0:
+            return fm, fm
+        return fm, fm - cfg.contrastive_weight * contrastive_term(v, x0, noised.noise)
+
+    if cfg.rep_weight == 0:
+        fm, flow = fm_and_negative(student(noised.x_student, tau, None))
+        return LossTerms(flow, fm, fm.new_zeros(()))
 
     if cfg.method == "selfflow":
         if teacher is None:
@@ -259,6 +284,6 @@ def training_loss(
         target = target_features
 
     v, features = student(noised.x_student, tau, cfg.student_layer)
-    fm = flow_matching_loss(v, x0, noised.noise)
+    fm, flow = fm_and_negative(v)
     rep = representation_loss(features, target.detach(), cfg.rep_loss)
-    return LossTerms(fm + cfg.rep_weight * rep, fm, rep)
+    return LossTerms(flow + cfg.rep_weight * rep, fm, rep)
