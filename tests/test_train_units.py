@@ -101,7 +101,7 @@ def test_modality_draw_frequencies_and_agreement():
         ("max_skips_in_a_row=0", "max_skips_in_a_row"),
         ("lr.decay=exponential", "decay"),
         ("modalities.image.max_bad_samples=0", "max_bad_samples"),
-        ("objective.contrastive_weight=0.05 modalities.video.batch_size=1", "at least 2.*\\['video'\\] batch_size 1"),
+        ("objective.contrastive_weight=0.05 modalities.video.batch_size=1", "at least 2.*\\['video'\\] have 1"),
     ],
 )
 def test_train_config_errors(override, message):

@@ -67,7 +67,9 @@ class FinetuneConfig(RunConfig):
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         check_objective(self.objective, self.model)
         if self.objective.contrastive_weight:
-            raise ValueError("objective.contrastive_weight (Delta-FM) is for pretraining; video-action finetuning has no such term")
+            raise ValueError(
+                "objective.contrastive_weight (Delta-FM) is for pretraining; video-action finetuning has no such term"
+            )
         warn_wide_tokens(self.model)
 
 

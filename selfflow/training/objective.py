@@ -121,7 +121,7 @@ class ObjectiveConfig:
         if not 0 <= self.cleaner_delta <= 1:
             raise ValueError(f"cleaner_delta must be in [0, 1], got {self.cleaner_delta}")
         if not 0 <= self.contrastive_weight < 1:
-            raise ValueError(f"contrastive_weight must be in [0, 1) (unbounded loss from 1), got {self.contrastive_weight}")
+            raise ValueError(f"contrastive_weight must be in [0, 1) (unbounded from 1), got {self.contrastive_weight}")
         if not 0 <= self.cond_dropout <= 1:
             raise ValueError(f"cond_dropout must be in [0, 1], got {self.cond_dropout}")
         if self.repa_image_size < 0:
