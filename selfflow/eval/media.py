@@ -88,7 +88,7 @@ def save_spectrograms(waveforms: np.ndarray, sample_rate: int, path: str | Path,
     if x.ndim == 2:
         x = x[:, None]
     if x.ndim != 3 or 0 in x.shape:
-        raise ValueError(f"save_spectrograms wants float (N, C, S) or (N, S) clips, got shape {tuple(waveforms.shape)}")
+        raise ValueError(f"save_spectrograms wants float (N, C, S) or (N, S) clips, got {tuple(np.shape(waveforms))}")
     stft = LogSpectrogram(channels=1, sample_rate=sample_rate)
     mono = torch.nn.functional.pad(x.mean(dim=1, keepdim=True), (0, -x.shape[-1] % stft.hop))
     with torch.no_grad():

@@ -144,9 +144,10 @@ class TrainConfig(RunConfig):
         warn_wide_tokens(model)
         if objective.method == "repa":
             check_repa_modalities(objective, self.modalities)
-        small = sorted(name for name, mix in self.modalities.items() if mix.batch_size < 2)
-        if objective.contrastive_weight and small:
-            raise ValueError(f"objective.contrastive_weight needs batches of at least 2 (negatives), {small} have 1")
+        if objective.contrastive_weight:
+            small = sorted(name for name, mix in self.modalities.items() if mix.batch_size < 2)
+            if small:
+                raise ValueError(f"objective.contrastive_weight needs batches of at least 2, {small} have 1")
 
 
 def take_data_dims(model: MMDiTConfig, modalities: dict[str, MixConfig]) -> None:
